@@ -1,0 +1,216 @@
+"""Official checkpoint format: `config.json` + `model.safetensors` or sharded `model-0000k-of-0000n.safetensors`
+with `model.safetensors.index.json`, official key names. Safetensors only: nothing is ever unpickled.
+
+Loading builds the model on the meta device and materializes one tensor at a time from memory-mapped files,
+casting to the requested dtype, so a bf16 1.5B checkpoint loads into fp32 without a second copy in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cheers.config import CheersConfig, ConfigError
+from cheers.model.cheers import CheersModel
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TIED_HEAD = "lm_head.weight"
+TIED_EMBED = "model.language_model.embed_tokens.weight"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory or file cannot be loaded; the message names the file and the cause."""
+
+
+def _weight_files(directory: Path) -> dict[str, list[str]]:
+    """file name -> keys it should hold (from the index, or from the single file's header)."""
+    index = directory / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+        files: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            files.setdefault(fname, []).append(key)
+        for fname in files:
+            if not (directory / fname).exists():
+                raise CheckpointError(f"{index}: lists shard '{fname}', which is missing from {directory}")
+        return files
+    single = directory / SINGLE_NAME
+    if single.exists():
+        return {SINGLE_NAME: []}
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    if len(others) == 1:
+        return {others[0]: []}
+    if others:
+        raise CheckpointError(f"{directory}: several .safetensors files ({', '.join(others)}) but no {INDEX_NAME}")
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
+        raise CheckpointError(f"{directory}: only pickle weights (.bin/.pt) found; Cheers loads safetensors only")
+    raise CheckpointError(f"{directory}: no model weights (expected {SINGLE_NAME} or {INDEX_NAME})")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from None
+
+
+def _expected(model: CheersModel) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, torch.Size], tied: bool, where: str) -> None:
+    optional = {TIED_HEAD} if tied else set()
+    missing = sorted(k for k in expected if k not in found and k not in optional)
+    unexpected = sorted(k for k in found if k not in expected)
+    wrong = sorted(
+        f"{k}: checkpoint {list(found[k])} vs config {list(expected[k])}"
+        for k in found
+        if k in expected and tuple(found[k]) != tuple(expected[k])
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected)}")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es) (config.json does not match the weights): {'; '.join(wrong)}")
+        raise CheckpointError(f"{where}: " + " | ".join(parts))
+
+
+def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> CheersModel:
+    """Materialize `model` (may live on the meta device) from an official weight directory, strictly."""
+    directory = Path(directory)
+    files = _weight_files(directory)
+    expected = _expected(model)
+    tied = model.config.text.tie_word_embeddings
+    handles = {name: _open(directory / name) for name in files}
+    found: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, str] = {}
+    for name, handle in handles.items():
+        for key in handle.keys():
+            try:
+                found[key] = tuple(handle.get_slice(key).get_shape())
+            except Exception as err:
+                raise CheckpointError(f"{directory / name}: cannot read tensor '{key}' ({err})") from None
+            owner[key] = name
+        listed = set(files[name])
+        if listed and listed != set(handle.keys()):
+            diff = sorted(listed.symmetric_difference(handle.keys()))[:5]
+            raise CheckpointError(f"{directory / name}: keys differ from {INDEX_NAME} (e.g. {', '.join(diff)})")
+    _check_keys(found, expected, tied, str(directory))
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    for key in expected:
+        if key == TIED_HEAD and tied:
+            continue
+        try:
+            tensor = handles[owner[key]].get_tensor(key)
+        except Exception as err:
+            raise CheckpointError(f"{directory / owner[key]}: cannot read tensor '{key}' ({err})") from None
+        target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        tensor = tensor.to(device=device, dtype=target_dtype)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{directory / owner[key]}: tensor '{key}' contains NaN or inf")
+        module_name, _, leaf = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if key in params:
+            setattr(module, leaf, torch.nn.Parameter(tensor, requires_grad=params[key].requires_grad))
+        elif key in buffers:
+            module._buffers[leaf] = tensor
+    model.tie_weights()
+    if tied and TIED_HEAD in found:
+        head = handles[owner[TIED_HEAD]].get_tensor(TIED_HEAD).to(device=device, dtype=dtype)
+        if not torch.equal(head, model.lm_head.weight.data):
+            raise CheckpointError(
+                f"{directory / owner[TIED_HEAD]}: '{TIED_HEAD}' differs from '{TIED_EMBED}' but config.json ties them "
+                "(set text_config.tie_word_embeddings=false for an untied head)"
+            )
+    leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftovers:  # pragma: no cover - guarded by _check_keys
+        raise CheckpointError(f"{directory}: tensors left unloaded: {', '.join(leftovers)}")
+    return model
+
+
+def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> CheersModel:
+    """Load an official-format model directory into a `CheersModel` (eval mode)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{directory}: no config.json (not a Cheers model directory)")
+    try:
+        cfg = CheersConfig.from_json_file(cfg_path)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    with torch.device("meta"):
+        model = CheersModel(cfg)
+    load_state_into(model, directory, dtype=dtype, device=device)
+    return model.eval()
+
+
+def _shards(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def save_model(model: CheersModel, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3,
+               dtype: torch.dtype | None = None, include_tied_head: bool = True) -> Path:
+    """Write config.json and weights in the official layout (sharded with an index when over `max_shard_bytes`).
+
+    Every file is written to a temporary name and renamed, so an interrupted save leaves no half-written file
+    under a final name. `dtype` casts floating tensors (e.g. torch.bfloat16 or torch.float16 for shipping).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key == TIED_HEAD and model.config.text.tie_word_embeddings and not include_tied_head:
+            continue
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.contiguous().clone() if key == TIED_HEAD else tensor.contiguous()
+    shards = _shards(state.items(), max_shard_bytes)
+    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_NAME]:
+        if stale.exists():
+            stale.unlink()
+    names = [SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for name, shard in zip(names, shards):
+        tmp = directory / f".{name}.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
+        }
+        tmp = directory / f".{INDEX_NAME}.tmp"
+        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, directory / INDEX_NAME)
+    model.config.save_json(directory / "config.json")
+    return directory

@@ -1,0 +1,245 @@
+"""Inference loops on top of `CheersModel`: prompt prefill with a KV cache, the flow-matching image sampler with
+classifier-free guidance (conditional and unconditional rows in one batched pass, the image read once per step),
+and autoregressive text decoding.
+
+Batches are left-padded: every row's new tokens then sit at the same cache slot, and RoPE only sees relative
+positions, so a row's result does not depend on the other rows in its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from cheers.model.cheers import CheersModel
+from cheers.model.qwen2 import KVCache
+
+SAMPLERS = ("euler", "heun", "midpoint")
+
+
+@dataclass
+class Prefix:
+    """A prefilled batch: the cache, which cached positions are real, and the last position's hidden state."""
+
+    cache: KVCache
+    valid: torch.Tensor  # [B, S] bool
+    last_hidden: torch.Tensor  # [B, d]
+    hidden: torch.Tensor | None = None  # [B, S, d] (kept only on request)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged id lists -> (ids [B, L], attention_mask [B, L]) padded on the left."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, L - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def prefill(model: CheersModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, latents: torch.Tensor,
+            keep_hidden: bool = False) -> Prefix:
+    """Run a prompt batch (images read at t = 1 from their clean latents) and keep its KV cache."""
+    reading = model.read_latents(latents)
+    lay = model.layout(input_ids, attention_mask, reading.tokens)
+    cache = model.new_cache()
+    hidden = model.model.language_model(lay.embeds, mask=lay.mask, cache=cache)
+    cache.length = hidden.shape[1]
+    return Prefix(cache, lay.valid, hidden[:, -1], hidden if keep_hidden else None)
+
+
+def _step_mask(prefix: Prefix, n: int, causal: bool) -> torch.Tensor | None:
+    """Mask for n new positions on top of the cache: real cached positions + (causally or fully) the new ones."""
+    if bool(prefix.valid.all()):
+        return None
+    B, S = prefix.valid.shape
+    new = torch.ones(n, n, dtype=torch.bool, device=prefix.valid.device)
+    if causal:
+        new = new.tril()
+    return torch.cat([prefix.valid[:, None, :].expand(B, n, S), new.expand(B, n, n)], dim=2)[:, None]
+
+
+@torch.no_grad()
+def extend(model: CheersModel, prefix: Prefix, embeds: torch.Tensor, causal: bool = True, commit: bool = True) -> torch.Tensor:
+    """Append positions [B, n, d] to the cache; returns their hidden states. Uncommitted writes are overwritten
+    by the next call (how the sampler re-evaluates the image block at every step)."""
+    n = embeds.shape[1]
+    mask = _step_mask(prefix, n, causal)
+    hidden = model.model.language_model(embeds, mask=mask, cache=prefix.cache, start=prefix.length, causal=causal)
+    if commit:
+        prefix.cache.length += n
+        prefix.valid = torch.cat([prefix.valid, prefix.valid.new_ones(prefix.valid.shape[0], n)], dim=1)
+        prefix.last_hidden = hidden[:, -1]
+    return hidden
+
+
+# ---- images -----------------------------------------------------------------------------------------------------
+
+
+def time_grid(steps: int, shift: float = 1.0, t0: float = 0.0) -> list[float]:
+    """`shift(linspace(t0, 1, steps))` with shift(t) = a t / (1 + (a - 1) t) (spec §E.1)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    base = torch.linspace(t0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.tensor([1.0], dtype=torch.float64)
+    return [float(shift * t / (1 + (shift - 1) * t)) for t in base]
+
+
+@dataclass
+class GuidedVelocity:
+    """v(x, t) for a batch of B images whose prompts were prefilled as B conditional rows followed (when guided)
+    by B unconditional rows. The image is decoded and read by the ViT once per call, shared by both rows."""
+
+    model: CheersModel
+    prefix: Prefix
+    cfg_scale: float
+    guided: bool
+    trace: list[dict[str, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: float, commit: bool = False) -> torch.Tensor:
+        m, B = self.model, x.shape[0]
+        reading = m.read_latents(x)
+        tokens, detail = reading.tokens, reading.detail
+        if self.guided:
+            tokens, detail = torch.cat([tokens, tokens]), torch.cat([detail, detail])
+        hidden = extend(m, self.prefix, tokens, causal=False, commit=commit)
+        tt = torch.full((hidden.shape[0],), t, dtype=x.dtype, device=x.device)
+        v = m.velocity_head(hidden, tt, detail).velocity
+        if not self.guided:
+            out = v
+        else:
+            v_c, v_u = v[:B], v[B:]
+            out = v_u + self.cfg_scale * (v_c - v_u)
+        if self.trace is not None:
+            self.trace.append({"t": torch.tensor(t), "x": x.clone(), "v": v.clone(), "v_cfg": out.clone()})
+        return out
+
+
+def integrate(velocity: GuidedVelocity, x: torch.Tensor, grid: list[float], sampler: str = "euler",
+              progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Integrate dx/dt = v from grid[0] to grid[-1], then the reference's extra step of size 1/len(grid) at t = 1.
+
+    euler: the reference's update. heun / midpoint: second-order updates between grid points (2 evaluations per
+    interval), same final step. The last evaluation commits its image block to the cache, like the reference.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    n = len(grid)
+    for i in range(n - 1):
+        t, t_next = grid[i], grid[i + 1]
+        dt = t_next - t
+        v = velocity(x, t)
+        if sampler == "euler":
+            x = x + v * dt
+        elif sampler == "heun":
+            v2 = velocity(x + v * dt, t_next)
+            x = x + 0.5 * dt * (v + v2)
+        else:  # midpoint
+            v2 = velocity(x + v * (dt / 2), t + dt / 2)
+            x = x + v2 * dt
+        if progress:
+            progress(i)
+    v = velocity(x, grid[-1], commit=True)
+    x = x + v * (1.0 / n)
+    if progress:
+        progress(n - 1)
+    return x
+
+
+def noise(shape: tuple[int, ...], seeds: list[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One independent N(0, I) draw per image, each from its own seed (reproducible whatever the batch)."""
+    out = []
+    for s in seeds:
+        g = torch.Generator(device="cpu").manual_seed(int(s))
+        out.append(torch.randn(shape, generator=g, dtype=torch.float32))
+    return torch.stack(out).to(device=device, dtype=dtype)
+
+
+# ---- text -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextSampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # <= 1e-6: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+def _filter_logits(logits: torch.Tensor, s: TextSampling, seen: torch.Tensor | None) -> torch.Tensor:
+    logits = logits.float()
+    if s.repetition_penalty != 1.0 and seen is not None:
+        # CTRL-style: make already generated/prompt tokens less likely.
+        pen = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        logits = torch.where(seen, pen, logits)
+    if s.temperature <= 1e-6:
+        return logits
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_ids: torch.Tensor | None = None,
+                  logits_hook: Callable[[torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, one step at a time ([B] long). Rows that emitted a stop id keep
+    yielding their stop id (callers track which rows are done). Stops after max_new_tokens or when all rows
+    have stopped."""
+    B = prefix.last_hidden.shape[0]
+    V = model.config.text.vocab_size
+    device = prefix.last_hidden.device
+    gen = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
+    seen = None
+    if s.repetition_penalty != 1.0:
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+        if prompt_ids is not None:
+            ids = prompt_ids.clamp(min=0)
+            seen.scatter_(1, ids, True)
+    stop = torch.tensor(list(s.stop_ids) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    hidden = prefix.last_hidden
+    for _ in range(s.max_new_tokens):
+        logits = model.lm_head(hidden).float()
+        if logits_hook:
+            logits_hook(logits)
+        logits = _filter_logits(logits, s, seen)
+        if s.temperature <= 1e-6:
+            nxt = logits.argmax(-1)
+        else:
+            probs = logits.softmax(-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(device)
+        nxt = torch.where(done, stop[0].expand_as(nxt) if s.stop_ids else nxt, nxt)
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] = True
+        yield nxt
+        done |= torch.isin(nxt, stop)
+        if bool(done.all()):
+            return
+        emb = model.model.language_model.embed_tokens(nxt)[:, None]
+        hidden = extend(model, prefix, emb)[:, -1]
+
+
+def cfg_rows(rows: list[list[int]], keep: set[int], no_mean: int) -> list[list[int]]:
+    """Unconditional prompts: every id except those in `keep` (image placeholders, <im_start>, <im_end>) becomes
+    `<no_mean>`; the length is unchanged (spec §E.1)."""
+    return [[i if (i < 0 or i in keep) else no_mean for i in r] for r in rows]
