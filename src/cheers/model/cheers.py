@@ -181,8 +181,6 @@ class CheersModel(nn.Module):
         embed = self.model.language_model.embed_tokens
         text_ids = torch.where(input_ids < 0, torch.zeros_like(input_ids), input_ids)
         embeds = embed.weight.new_zeros(B, Lx, embed.embedding_dim)
-        # Positions no id maps to (rows shorter after expansion) get the embedding of the row's last id (padding).
-        embeds[:] = embed(text_ids[:, -1:])
         text = ~is_ph
         embeds = embeds.index_put((torch.arange(B, device=device)[:, None].expand(B, L)[text], new_pos[text]),
                                   embed(text_ids[text]))
@@ -194,6 +192,7 @@ class CheersModel(nn.Module):
         block = torch.zeros(B, Lx, dtype=torch.long, device=device)
         block_ids = torch.arange(1, rows.numel() + 1, device=device)[:, None].expand_as(image_pos)
         block[rows[:, None].expand_as(image_pos)[bidir], image_pos[bidir]] = block_ids[bidir]
+        embeds = embeds.masked_fill(~valid[..., None], 0.0)  # padding carries nothing (as the reference)
         mask = self.attention_mask(valid, block)
         return SequenceLayout(embeds, mask, valid, rows, image_pos, new_pos)
 

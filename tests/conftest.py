@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CHEERS_SHARED", REPO.parent / "shared")).resolve()
+PARITY = SHARED / "parity"
+GOLDENS = PARITY / "goldens"
+TINY_OFFICIAL = PARITY / "tiny-official"
+
+needs_shared = pytest.mark.skipif(
+    not (PARITY / "tiny-official" / "config.json").exists(),
+    reason=f"../shared (parity checkpoint and goldens) not found at {SHARED}; set CHEERS_SHARED",
+)
+
+
+@pytest.fixture(autouse=True)
+def _threads_and_seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def parity_model():
+    if not (TINY_OFFICIAL / "config.json").exists():
+        pytest.skip(f"parity checkpoint not found under {SHARED}")
+    from cheers.checkpoint import load_model
+
+    return load_model(TINY_OFFICIAL)
+
+
+def golden(name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(GOLDENS / f"{name}.safetensors"))
+
+
+def golden_meta(name: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(GOLDENS / f"{name}.safetensors"), "pt") as f:
+        return f.metadata() or {}
