@@ -194,23 +194,34 @@ def save_model(model: CheersModel, directory: str | os.PathLike, max_shard_bytes
             tensor = tensor.to(dtype)
         state[key] = tensor.contiguous().clone() if key == TIED_HEAD else tensor.contiguous()
     shards = _shards(state.items(), max_shard_bytes)
-    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_NAME]:
-        if stale.exists():
-            stale.unlink()
     names = [SINGLE_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
-    for name, shard in zip(names, shards):
-        tmp = directory / f".{name}.tmp"
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / name)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
-        }
-        tmp = directory / f".{INDEX_NAME}.tmp"
-        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, directory / INDEX_NAME)
+    # Write everything under temporary names first; only then replace, so an interruption leaves the previous
+    # checkpoint in this directory intact.
+    staged = []
+    try:
+        for name, shard in zip(names, shards):
+            tmp = directory / f".{name}.tmp"
+            staged.append((tmp, directory / name))
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
+            }
+            tmp = directory / f".{INDEX_NAME}.tmp"
+            staged.append((tmp, directory / INDEX_NAME))
+            tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    keep = {final.name for _, final in staged}
+    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_NAME]:
+        if stale.exists() and stale.name not in keep:
+            stale.unlink()
+    for tmp, final in staged:
+        os.replace(tmp, final)
     model.config.save_json(directory / "config.json")
     return directory

@@ -1,0 +1,241 @@
+"""Official checkpoint format: key set of the released model, bit-exact round trips, strict validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cheers.checkpoint import CheckpointError, load_model, save_model
+from cheers.config import CheersConfig, ConfigError, preset
+from cheers.model.cheers import CheersModel
+from tests.conftest import SHARED, needs_shared
+
+REFERENCE = SHARED / "reference"
+
+
+def tiny_model(seed: int = 0) -> CheersModel:
+    torch.manual_seed(seed)
+    model = CheersModel(preset("cheers-tiny"))
+    with torch.no_grad():  # make zero-initialized layers non-zero so round trips test real values
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+@needs_shared
+def test_released_config_keys_and_shapes():
+    cfg = CheersConfig.from_json_file(REFERENCE / "config.json")
+    ref = preset("cheers-1.5b")
+    assert (cfg.text, cfg.vision, cfg.vae_encoder, cfg.vae_decoder) == (ref.text, ref.vision, ref.vae_encoder, ref.vae_decoder)
+    with torch.device("meta"):
+        model = CheersModel(cfg)
+    state = model.state_dict()
+    index_json = json.loads((REFERENCE / "model.safetensors.index.json").read_text())
+    index = index_json["weight_map"]
+    assert len(index) == 1321
+    assert set(state) == set(index), (sorted(set(index) - set(state))[:5], sorted(set(state) - set(index))[:5])
+    expected_shapes = {
+        "lm_head.weight": (151936, 1536),
+        "model.language_model.layers.27.self_attn.k_proj.weight": (256, 1536),
+        "model.language_model.layers.0.mlp.down_proj.weight": (1536, 8960),
+        "model.vision_representation.embeddings.patch_embedding.weight": (1152, 3, 16, 16),
+        "model.vision_representation.embeddings.position_embedding.weight": (1024, 1152),
+        "model.vision_representation.head.attention.in_proj_weight": (3456, 1152),
+        "model.vision_representation.head.probe": (1, 1, 1152),
+        "model.und_projector.mlp.0.weight": (4608, 4608),
+        "model.und_projector.mlp.2.weight": (1536, 4608),
+        "model.time_embed.mlp_1.0.weight": (1536, 256),
+        "model.time_embed.mlp_2.2.weight": (1152, 1152),
+        "model.gen_projector.diffusion_head_a.6.adaLN_modulation.1.weight": (9216, 1536),
+        "model.gen_projector.diffusion_head_a.0.mlp.gate_proj.weight": (6144, 1536),
+        "model.gen_projector.diffusion_head_b.linear.weight": (4608, 1536),
+        "model.hi_gate.gate.2.weight": (1, 1152),
+        "model.hi_projector.diffusion_head_a.2.attn.k_proj.weight": (144, 1152),
+        "model.hi_projector.diffusion_head_a.0.adaLN_modulation.1.weight": (6912, 1152),
+        "model.hi_projector.diffusion_head_b.linear.weight": (128, 1152),
+        "model.vae_model.encoder.conv_out.weight": (64, 512, 3, 3),
+        "model.vae_model.encoder.quant_conv.weight": (64, 64, 1, 1),
+        "model.vae_model.encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+        "model.vae_model.decoder.conv_in.weight": (512, 32, 3, 3),
+        "model.vae_model.decoder.up.1.block.0.nin_shortcut.weight": (256, 512, 1, 1),
+        "model.vae_model.decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3),
+        "model.vae_decoder_projector.decoder.post_quant_conv.weight": (32, 32, 1, 1),
+        "model.vae_model.bn.running_var": (128,),
+        "model.vae_decoder_projector.bn.num_batches_tracked": (),
+    }
+    for key, shape in expected_shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    # every derived shape is consistent with the file: 2 bytes per element gives the index's total_size exactly
+    total_bf16 = sum(t.numel() * 2 for t in state.values())
+    assert total_bf16 == index_json["metadata"]["total_size"] == 5_609_423_890
+    unique = model.num_parameters()
+    print(f"cheers-1.5b: {len(state)} tensors, {unique / 1e9:.3f}B unique parameters (output head tied)")
+    assert 2.50e9 < unique < 2.60e9  # spec: ~2.57B unique
+
+
+def test_hf_config_round_trip():
+    for name in ("cheers-1.5b", "cheers-tiny", "cheers-small", "cheers-parity-tiny"):
+        cfg = preset(name)
+        again = CheersConfig.from_hf_config(json.loads(json.dumps(cfg.to_hf_config())))
+        assert again == cfg, name
+
+
+@pytest.mark.parametrize("shard_bytes", [2**40, 400_000])
+def test_save_load_round_trip_bit_exact(tmp_path, shard_bytes):
+    model = tiny_model()
+    save_model(model, tmp_path, max_shard_bytes=shard_bytes)
+    sharded = (tmp_path / "model.safetensors.index.json").exists()
+    assert sharded == (shard_bytes < 2**40)
+    if sharded:
+        assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    loaded = load_model(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert loaded.lm_head.weight is loaded.model.language_model.embed_tokens.weight
+
+
+def test_bf16_file_loads_into_fp32(tmp_path):
+    model = tiny_model()
+    save_model(model, tmp_path, dtype=torch.bfloat16)
+    raw = load_file(str(tmp_path / "model.safetensors"))
+    assert raw["model.hi_gate.gate.0.weight"].dtype == torch.bfloat16
+    loaded = load_model(tmp_path)
+    w = loaded.model.hi_gate.gate[0].weight
+    assert w.dtype == torch.float32
+    assert torch.equal(w, model.model.hi_gate.gate[0].weight.to(torch.bfloat16).float())
+
+
+@needs_shared
+def test_parity_checkpoint_without_lm_head_loads_tied(parity_model):
+    assert parity_model.lm_head.weight is parity_model.model.language_model.embed_tokens.weight
+    assert parity_model.lm_head.weight.dtype == torch.float32
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    save_model(tiny_model(), tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_directory_without_config(tmp_path, saved):
+    (saved / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(saved)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_model(tmp_path / "nope")
+
+
+def test_no_weights_and_pickle_only(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model weights"):
+        load_model(saved)
+    (saved / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        load_model(saved)
+
+
+def test_missing_unexpected_and_shape_errors_named_together(saved):
+    path = saved / "model.safetensors"
+    state = load_file(str(path))
+    del state["model.hi_gate.gate.0.bias"]
+    del state["model.time_embed.mlp_1.0.weight"]
+    state["model.extra.weight"] = torch.zeros(3)
+    state["model.und_projector.mlp.2.bias"] = torch.zeros(7)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError) as err:
+        load_model(saved)
+    msg = str(err.value)
+    for culprit in ("model.hi_gate.gate.0.bias", "model.time_embed.mlp_1.0.weight", "model.extra.weight",
+                    "model.und_projector.mlp.2.bias: checkpoint [7] vs config [64]", "2 missing", "1 unexpected"):
+        assert culprit in msg, (culprit, msg)
+
+
+def test_config_that_does_not_match_weights(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 96
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config.json does not match the weights.*mlp\.gate_proj\.weight"):
+        load_model(saved)
+
+
+def test_invalid_config_values(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["vision_representation_config"]["patch_size"] = 12
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json.*patch_size"):
+        load_model(saved)
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON.*line 1"):
+        load_model(saved)
+
+
+def test_truncated_and_corrupt_files(saved):
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or truncated"):
+        load_model(saved)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage-header}" + data[100:200])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or truncated"):
+        load_model(saved)
+
+
+def test_nan_weights_rejected(saved):
+    path = saved / "model.safetensors"
+    state = load_file(str(path))
+    state["model.hi_gate.layer_norm.weight"][3] = float("nan")
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="hi_gate.layer_norm.weight.*NaN"):
+        load_model(saved)
+
+
+def test_untied_head_mismatch(saved):
+    path = saved / "model.safetensors"
+    state = load_file(str(path))
+    state["lm_head.weight"] = state["lm_head.weight"] + 1
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="lm_head.weight.*differs"):
+        load_model(saved)
+
+
+def test_index_with_missing_shard(tmp_path):
+    save_model(tiny_model(), tmp_path, max_shard_bytes=400_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"lists shard '{shard.name}', which is missing"):
+        load_model(tmp_path)
+
+
+def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
+    import cheers.checkpoint as ck
+
+    model = tiny_model()
+    save_model(model, tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tiny_model(seed=1), tmp_path)  # overwrite in place, interrupted
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert torch.equal(load_model(tmp_path).model.hi_gate.gate[0].weight, model.model.hi_gate.gate[0].weight)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        preset("nope")
