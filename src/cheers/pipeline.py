@@ -1,0 +1,395 @@
+"""The public API: `Cheers.from_pretrained(path)` then `generate_image`, `answer`, `chat`, `edit`.
+
+Every task is batched: prompts are left-padded into one prefill, text-to-image and editing run their conditional
+and unconditional rows in one forward per step with the image read once, and text decoding shares one KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from cheers import sampling as S
+from cheers.checkpoint import CheckpointError, load_model
+from cheers.config import CheersConfig, PRESETS, preset
+from cheers.model.cheers import CheersModel
+from cheers.processor import dummy_image, load_image, preprocess_understanding, tensor_to_pil
+from cheers.tokenizer import CheersTokenizer
+
+ImageLike = Image.Image | str | os.PathLike | bytes
+Message = Mapping[str, Any]
+
+# Where the embedded default model lives (trained by our own trainer; see scripts/train_embedded.sh).
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "cheers-shapes"
+
+
+@dataclass
+class ImageDefaults:
+    """Sampling defaults: the reference demo's (w = 9.5, N = 80, a = 0.5) unless the model directory says otherwise."""
+
+    steps: int = 80
+    cfg_scale: float = 9.5
+    shift: float = 0.5
+    sampler: str = "euler"
+    edit_start: float = 0.1
+
+
+@dataclass
+class TextDefaults:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+def _as_list(x: Any) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class Cheers:
+    """A loaded Cheers model with its tokenizer, ready for the four tasks."""
+
+    def __init__(self, model: CheersModel, tokenizer: CheersTokenizer | None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, image_defaults: ImageDefaults | None = None,
+                 text_defaults: TextDefaults | None = None, source: str = "<memory>") -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.config: CheersConfig = model.config
+        self.image_defaults = image_defaults or ImageDefaults()
+        self.text_defaults = text_defaults or TextDefaults()
+        self.source = source
+        if tokenizer is not None and tokenizer.token_ids != self.config.tokens:
+            raise CheckpointError(
+                f"{source}: tokenizer special ids {tokenizer.token_ids} differ from config.json's {self.config.tokens}"
+            )
+
+    # ---- loading --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | None = None) -> "Cheers":
+        """Load a model directory (official format + tokenizer files), the embedded default (None), or build a
+        named preset with random weights (for benchmarks and tests; text tasks then need `tokenizer`)."""
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.float32  # bf16 is used through autocast on GPU, never as a hard cast on CPU
+        if path_or_preset is None:
+            if not (EMBEDDED_DIR / "config.json").exists():
+                raise CheckpointError(f"the embedded model is missing from {EMBEDDED_DIR}; pass --model DIR")
+            path_or_preset = EMBEDDED_DIR
+        if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not Path(path_or_preset).exists():
+            model = CheersModel(preset(path_or_preset))
+            tok = CheersTokenizer.from_dir(tokenizer) if tokenizer else None
+            return cls(model, tok, device, dtype, source=f"preset:{path_or_preset}")
+        path = Path(path_or_preset)
+        model = load_model(path, device=device)
+        tok_dir = Path(tokenizer) if tokenizer else path
+        tok = CheersTokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir) else None
+        img_d, txt_d = _read_defaults(path)
+        return cls(model, tok, device, dtype, img_d, txt_d, source=str(path))
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _tok(self) -> CheersTokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source}: this model has no tokenizer files; pass tokenizer=DIR to from_pretrained")
+        return self.tokenizer
+
+    def _latents(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        batch = torch.stack(pixels).to(self.device, torch.float32)
+        return self.model.encode_images(batch)
+
+    def _read_images(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
+        R = self.config.resolution
+        return [preprocess_understanding(load_image(im) if not isinstance(im, Image.Image) else im, R) for im in images]
+
+    def _check_length(self, rows: list[list[int]], extra: int, what: str) -> None:
+        n_img = self.config.num_image_tokens
+        limit = self.config.text.max_position_embeddings
+        for i, r in enumerate(rows):
+            n_ph = sum(1 for x in r if x < 0)
+            length = len(r) - n_ph + n_img * max(n_ph, 1) + extra
+            if length > limit:
+                raise ValueError(
+                    f"{what} {i}: {length} positions (prompt {len(r)} ids, images {n_img} each, +{extra} to "
+                    f"generate) exceed the model's {limit}; shorten the prompt or lower max_new_tokens"
+                )
+
+    def _prefill(self, rows: list[list[int]], latents: torch.Tensor) -> S.Prefix:
+        ids, mask = S.left_pad(rows, self.config.tokens.pad, self.device)
+        with self._autocast():
+            return S.prefill(self.model, ids, mask, latents)
+
+    def _prefix_images(self, rows: list[list[int]], seeds: list[int]) -> list[torch.Tensor]:
+        """Pixels for every image the rows need: rows without placeholders carry the reference's noise picture."""
+        return [dummy_image(self.config.resolution, "noise", s) for r, s in zip(rows, seeds) if not any(x < 0 for x in r)]
+
+    # ---- text-to-image --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_image(self, prompts: str | Sequence[str], seed: int | Sequence[int] = 0, steps: int | None = None,
+                       cfg_scale: float | None = None, shift: float | None = None, sampler: str | None = None,
+                       batch_size: int = 16, progress: bool = False) -> list[Image.Image]:
+        """One image per prompt. `seed` is an int (image i uses seed + i) or one seed per prompt."""
+        prompts = _as_list(prompts)
+        seeds = self._seeds(seed, len(prompts))
+        tok = self._tok()
+        rows = [tok.encode_prompt(p, task="t2i") for p in prompts]
+        self._check_length(rows, self.config.num_image_tokens + 1, "prompt")
+        out: list[Image.Image] = []
+        for lo in range(0, len(rows), batch_size):
+            sl = slice(lo, lo + batch_size)
+            lat = self._latents(self._prefix_images(rows[sl], seeds[sl]))
+            x = S.noise(self._latent_shape(), seeds[sl], self.device)
+            out += self._sample(rows[sl], lat, x, t0=0.0, steps=steps, cfg_scale=cfg_scale, shift=shift,
+                                sampler=sampler, progress=progress)
+        return out
+
+    def _latent_shape(self) -> tuple[int, int, int]:
+        g = self.config.grid
+        return (self.config.latent_channels, g, g)
+
+    def _seeds(self, seed: int | Sequence[int], n: int) -> list[int]:
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != n:
+                raise ValueError(f"{n} prompts but {len(seed)} seeds")
+            return [int(s) for s in seed]
+        return [int(seed) + i for i in range(n)]
+
+    def _sample(self, rows: list[list[int]], latents: torch.Tensor, x: torch.Tensor, t0: float,
+                steps: int | None, cfg_scale: float | None, shift: float | None, sampler: str | None,
+                progress: bool, edit: bool = False) -> list[Image.Image]:
+        d = self.image_defaults
+        steps = d.steps if steps is None else int(steps)
+        cfg_scale = d.cfg_scale if cfg_scale is None else float(cfg_scale)
+        shift = d.shift if shift is None else float(shift)
+        sampler = sampler or d.sampler
+        if sampler not in S.SAMPLERS:
+            raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(S.SAMPLERS)}")
+        if edit:
+            steps = max(1, math.floor((1 - t0) * steps))  # the reference runs floor(0.9 N) steps from t0 = 0.1
+        tk = self.config.tokens
+        guided = cfg_scale != 1.0
+        all_rows = rows + (S.cfg_rows(rows, {tk.img_start, tk.img_end}, tk.no_mean) if guided else [])
+        all_lat = torch.cat([latents, latents]) if guided else latents
+        with self._autocast():
+            prefix = self._prefill(all_rows, all_lat)
+            velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided)
+            grid = S.time_grid(steps, shift, t0=t0)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                n_evals = len(grid) if sampler == "euler" else 2 * len(grid) - 1
+                bar = tqdm(total=len(grid), desc=f"denoising ({n_evals} evaluations)", leave=False)
+            x = S.integrate(velocity, x, grid, sampler, progress=(lambda i: bar.update(1)) if bar else None)
+            if bar:
+                bar.close()
+            pixels = self.model.decode_latents(x.float())
+        return [tensor_to_pil(p) for p in pixels]
+
+    # ---- editing --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def edit(self, images: ImageLike | Sequence[ImageLike], instructions: str | Sequence[str],
+             seed: int | Sequence[int] = 0, steps: int | None = None, cfg_scale: float | None = None,
+             shift: float | None = None, sampler: str | None = None, batch_size: int = 16,
+             progress: bool = False) -> list[Image.Image]:
+        """Edit each source image by its instruction (spec §E.3): start at t0 = 0.1 from 0.1 z + 0.9 noise."""
+        images, instructions = _as_list(images), _as_list(instructions)
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+        seeds = self._seeds(seed, len(images))
+        tok = self._tok()
+        rows = [tok.encode_prompt(f"<im_start><image><im_end>\n{ins}", task="edit") for ins in instructions]
+        self._check_length(rows, self.config.num_image_tokens + 1, "instruction")
+        pixels = self._read_images(images)
+        t0 = self.image_defaults.edit_start
+        out: list[Image.Image] = []
+        for lo in range(0, len(rows), batch_size):
+            sl = slice(lo, lo + batch_size)
+            z = self._latents(pixels[sl])
+            x = t0 * z + (1 - t0) * S.noise(self._latent_shape(), seeds[sl], self.device)
+            out += self._sample(rows[sl], z, x, t0=t0, steps=steps, cfg_scale=cfg_scale, shift=shift,
+                                sampler=sampler, progress=progress, edit=True)
+        return out
+
+    # ---- text -----------------------------------------------------------------------------------------------
+    def _sampling(self, kw: dict[str, Any]) -> tuple[S.TextSampling, list[str]]:
+        d = self.text_defaults
+        stop = _as_list(kw.pop("stop", None) or [])
+        unknown = set(kw) - {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"}
+        if unknown:
+            raise TypeError(f"unknown text sampling option(s): {', '.join(sorted(unknown))}")
+        s = S.TextSampling(
+            max_new_tokens=int(kw.get("max_new_tokens", d.max_new_tokens)),
+            temperature=float(kw.get("temperature", d.temperature)),
+            top_k=int(kw.get("top_k", d.top_k)),
+            top_p=float(kw.get("top_p", d.top_p)),
+            repetition_penalty=float(kw.get("repetition_penalty", d.repetition_penalty)),
+            stop_ids=(self.config.tokens.chat_end,),
+            seed=kw.get("seed", 0),
+        )
+        if not 0 < s.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
+        if s.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {s.max_new_tokens}")
+        return s, [str(x) for x in stop]
+
+    def _text_rows(self, conversations: list[list[Message]]) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Ids and image pixels of each conversation. A message may carry `images` (PIL/paths), placed before its
+        text as `<im_start><image><im_end>\\n` groups (spec §C.2)."""
+        tok = self._tok()
+        rows, pixels = [], []
+        for conv in conversations:
+            msgs = []
+            for m in conv:
+                if m.get("role") not in ("system", "user", "assistant"):
+                    raise ValueError(f"message role must be system/user/assistant, got {m.get('role')!r}")
+                ims = _as_list(m.get("images") or [])
+                content = "".join("<im_start><image><im_end>\n" for _ in ims) + str(m.get("content", ""))
+                pixels += self._read_images(ims)
+                msgs.append({"role": m["role"], "content": content})
+            rows.append(tok.encode_prompt(msgs, task="chat"))
+        return rows, pixels
+
+    def _generate_text(self, rows: list[list[int]], pixels: list[torch.Tensor], s: S.TextSampling,
+                       stops: list[str], seeds: list[int]) -> Iterator[list[str]]:
+        """Yield the full decoded text of every row after each step (stop strings applied)."""
+        tok = self._tok()
+        self._check_length(rows, s.max_new_tokens, "prompt")
+        # rows without an image carry the noise picture (the reference's prefix); order = row order
+        images: list[torch.Tensor] = []
+        it = iter(pixels)
+        for r, sd in zip(rows, seeds):
+            n = sum(1 for x in r if x < 0)
+            images += [next(it) for _ in range(n)] if n else [dummy_image(self.config.resolution, "noise", sd)]
+        with self._autocast():
+            prefix = self._prefill(rows, self._latents(images))
+            ids, _ = S.left_pad(rows, self.config.tokens.pad, self.device)
+            generated: list[list[int]] = [[] for _ in rows]
+            done = [False] * len(rows)
+            texts = [""] * len(rows)
+            for step in S.decode_tokens(self.model, prefix, s, prompt_ids=ids):
+                for i, tkn in enumerate(step.tolist()):
+                    if done[i]:
+                        continue
+                    if tkn in s.stop_ids:
+                        done[i] = True
+                        continue
+                    generated[i].append(tkn)
+                    text = tok.decode(generated[i], skip_special_tokens=True)
+                    cut = min((text.find(x) for x in stops if x in text), default=-1)
+                    if cut >= 0:
+                        text, done[i] = text[:cut], True
+                    texts[i] = text
+                yield list(texts)
+                if all(done):
+                    return
+
+    def answer(self, images: ImageLike | Sequence[ImageLike | Sequence[ImageLike]], questions: str | Sequence[str],
+               stream: bool = False, **sampling: Any) -> list[str] | Iterator[str]:
+        """Answer each question about its image(s). `stream=True` (one question) yields text pieces."""
+        images, questions = _as_list(images), _as_list(questions)
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        convs = [[{"role": "user", "content": q, "images": _as_list(im)}] for im, q in zip(images, questions)]
+        return self.chat(convs, stream=stream, **sampling)
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]], stream: bool = False,
+             **sampling: Any) -> Any:
+        """Reply to one conversation (a list of {"role", "content"[, "images"]}) -> str, or to a batch of
+        conversations -> list[str]. `stream=True` (one conversation) returns an iterator of text pieces."""
+        single = bool(messages) and isinstance(messages[0], Mapping)
+        convs = [list(messages)] if single else [list(c) for c in messages]
+        s, stops = self._sampling(dict(sampling))
+        rows, pixels = self._text_rows(convs)
+        seeds = [int(s.seed or 0) + i for i in range(len(rows))]
+        steps = self._generate_text(rows, pixels, s, stops, seeds)
+        if stream:
+            if len(rows) != 1:
+                raise ValueError("stream=True takes one conversation")
+            return _pieces(steps)
+        final = [""] * len(rows)
+        with torch.no_grad():
+            for texts in steps:
+                final = texts
+        return final[0] if single else final
+
+    # ---- introspection --------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return describe(self.model, self.source, self.image_defaults, self.text_defaults)
+
+
+def describe(model: CheersModel, source: str, image_defaults: ImageDefaults | None = None,
+             text_defaults: TextDefaults | None = None) -> dict[str, Any]:
+    """Configuration summary and parameter counts per component (works on the meta device too)."""
+    m, c = model.model, model.config
+    count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    g = c.grid
+    return {
+        "source": source,
+        "config": c.name,
+        "resolution": c.resolution,
+        "image_tokens": c.num_image_tokens,
+        "latent": [c.latent_channels, g, g],
+        "vocab": c.text.vocab_size,
+        "parameters": {
+            "total_unique": model.num_parameters(),
+            "language_model": count(m.language_model),
+            "vision_encoder": count(m.vision_representation),
+            "vae": count(m.vae_model),
+            "latent_to_pixel_decoder": count(m.vae_decoder_projector),
+            "und_projector": count(m.und_projector),
+            "flow_head_stage1": count(m.gen_projector),
+            "high_frequency_gate": count(m.hi_gate),
+            "flow_head_stage2": count(m.hi_projector),
+            "time_embed": count(m.time_embed),
+        },
+        "high_frequency_gate": c.head.high_frequency_gate,
+        "image_defaults": vars(image_defaults or ImageDefaults()),
+        "text_defaults": vars(text_defaults or TextDefaults()),
+    }
+
+
+def _pieces(steps: Iterator[list[str]]) -> Iterator[str]:
+    sent = ""
+    with torch.no_grad():
+        for texts in steps:
+            text = texts[0]
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                continue
+            if len(text) > len(sent) and text.startswith(sent):
+                yield text[len(sent):]
+                sent = text
+    return
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").exists() or ((path / "vocab.json").exists() and (path / "merges.txt").exists())
+
+
+def _read_defaults(path: Path) -> tuple[ImageDefaults, TextDefaults]:
+    """Optional `cheers` section of generation_config.json: recommended sampling settings of this model."""
+    img, txt = ImageDefaults(), TextDefaults()
+    f = path / "generation_config.json"
+    if f.exists():
+        try:
+            data = json.loads(f.read_text(encoding="utf-8")).get("cheers", {})
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{f}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        img = replace(img, **{k: v for k, v in data.get("image", {}).items() if hasattr(img, k)})
+        txt = replace(txt, **{k: v for k, v in data.get("text", {}).items() if hasattr(txt, k)})
+    return img, txt
