@@ -142,8 +142,10 @@ class Cheers:
     @torch.no_grad()
     def generate_image(self, prompts: str | Sequence[str], seed: int | Sequence[int] = 0, steps: int | None = None,
                        cfg_scale: float | None = None, shift: float | None = None, sampler: str | None = None,
-                       batch_size: int = 16, progress: bool = False) -> list[Image.Image]:
-        """One image per prompt. `seed` is an int (image i uses seed + i) or one seed per prompt."""
+                       batch_size: int = 16, progress: bool = False,
+                       noise: torch.Tensor | None = None) -> list[Image.Image]:
+        """One image per prompt. `seed` is an int (image i uses seed + i) or one seed per prompt; it draws the
+        initial latent noise (unless `noise` [N, c_lat, g, g] is given) and the prompt's dummy noise picture."""
         prompts = _as_list(prompts)
         seeds = self._seeds(seed, len(prompts))
         tok = self._tok()
@@ -153,7 +155,7 @@ class Cheers:
         for lo in range(0, len(rows), batch_size):
             sl = slice(lo, lo + batch_size)
             lat = self._latents(self._prefix_images(rows[sl], seeds[sl]))
-            x = S.noise(self._latent_shape(), seeds[sl], self.device)
+            x = S.noise(self._latent_shape(), seeds[sl], self.device) if noise is None else noise[sl].to(self.device)
             out += self._sample(rows[sl], lat, x, t0=0.0, steps=steps, cfg_scale=cfg_scale, shift=shift,
                                 sampler=sampler, progress=progress)
         return out
@@ -206,7 +208,7 @@ class Cheers:
     def edit(self, images: ImageLike | Sequence[ImageLike], instructions: str | Sequence[str],
              seed: int | Sequence[int] = 0, steps: int | None = None, cfg_scale: float | None = None,
              shift: float | None = None, sampler: str | None = None, batch_size: int = 16,
-             progress: bool = False) -> list[Image.Image]:
+             progress: bool = False, noise: torch.Tensor | None = None) -> list[Image.Image]:
         """Edit each source image by its instruction (spec §E.3): start at t0 = 0.1 from 0.1 z + 0.9 noise."""
         images, instructions = _as_list(images), _as_list(instructions)
         if len(images) != len(instructions):
@@ -221,7 +223,8 @@ class Cheers:
         for lo in range(0, len(rows), batch_size):
             sl = slice(lo, lo + batch_size)
             z = self._latents(pixels[sl])
-            x = t0 * z + (1 - t0) * S.noise(self._latent_shape(), seeds[sl], self.device)
+            eps = S.noise(self._latent_shape(), seeds[sl], self.device) if noise is None else noise[sl].to(self.device)
+            x = t0 * z + (1 - t0) * eps
             out += self._sample(rows[sl], z, x, t0=t0, steps=steps, cfg_scale=cfg_scale, shift=shift,
                                 sampler=sampler, progress=progress, edit=True)
         return out

@@ -1,0 +1,123 @@
+"""The public API end to end: reference parity through `Cheers` (prompt ids, sampling, decoding), batching,
+samplers, text sampling options, streaming and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cheers.pipeline import Cheers
+from tests.conftest import SHARED, golden, golden_meta, needs_shared
+
+pytestmark = needs_shared
+
+
+@pytest.fixture(scope="module")
+def cheers(parity_model):
+    from cheers.tokenizer import CheersTokenizer
+
+    return Cheers(parity_model, CheersTokenizer.from_dir(SHARED / "reference" / "tokenizer"))
+
+
+def as_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy().astype(int)
+
+
+def test_t2i_matches_reference_through_api(cheers):
+    g = golden("d_t2i_sampling")
+    meta = golden_meta("d_t2i_sampling")
+    prompt = "A small red apple on a wooden table."
+    assert cheers.tokenizer.encode_prompt(prompt, task="t2i") == g["input_ids"].tolist()
+    img = cheers.generate_image([prompt], seed=int(meta["dummy_numpy_seed"]), steps=4, cfg_scale=3.0, shift=0.5,
+                                noise=g["z0"][None])[0]
+    # PNG bytes of the reference's decoded image (clamp, x*255+0.5, truncate); 1 step of rounding allowed
+    assert np.abs(np.asarray(img).astype(int) - as_uint8(g["decoded_image"])).max() <= 1
+
+
+def test_edit_matches_reference_through_api(cheers):
+    g = golden("g_edit")
+    src = Image.fromarray(g["image_raw_uint8"].numpy())
+    img = cheers.edit([src], ["Make the red disk blue."], steps=4, cfg_scale=3.0, shift=0.5, noise=g["noise"][None])[0]
+    assert np.abs(np.asarray(img).astype(int) - as_uint8(g["decoded_image"])).max() <= 1
+
+
+def test_answer_and_chat_greedy_match_reference(cheers):
+    a, b = golden("a_understanding"), golden("b_text_only")
+    tok = cheers.tokenizer
+    image = Image.fromarray(a["image_raw_uint8"].numpy())
+    got = cheers.answer([image], [" Discribe this image."], max_new_tokens=8)
+    assert got == [tok.decode(a["greedy_ids"].tolist(), skip_special_tokens=True)]
+    reply = cheers.chat([{"role": "user", "content": "Please introduce yourself briefly."}], max_new_tokens=8)
+    assert reply == tok.decode(b["greedy_ids"].tolist(), skip_special_tokens=True)
+    # streaming yields pieces that join to the same text
+    pieces = list(cheers.chat([{"role": "user", "content": "Please introduce yourself briefly."}], stream=True,
+                              max_new_tokens=8))
+    assert len(pieces) > 1 and "".join(pieces) == reply
+
+
+def test_batched_equals_single(cheers):
+    prompts = ["a red circle", "two blue squares on a long green field", "x"]
+    batch = cheers.generate_image(prompts, seed=3, steps=3, cfg_scale=2.0, batch_size=3)
+    for i, p in enumerate(prompts):
+        single = cheers.generate_image([p], seed=3 + i, steps=3, cfg_scale=2.0)[0]
+        assert np.abs(np.asarray(batch[i]).astype(int) - np.asarray(single).astype(int)).max() <= 1, p
+    questions = ["What?", "Describe the picture in a few words please."]
+    image = Image.new("RGB", (90, 60), (200, 30, 30))
+    both = cheers.answer([image, image], questions, max_new_tokens=6)
+    assert both == [cheers.answer([image], [q], max_new_tokens=6)[0] for q in questions]
+
+
+def test_samplers_and_guidance_options(cheers):
+    kw = dict(seed=1, steps=3, cfg_scale=3.0)
+    euler = np.asarray(cheers.generate_image(["a cat"], **kw)[0]).astype(int)
+    heun = np.asarray(cheers.generate_image(["a cat"], sampler="heun", **kw)[0]).astype(int)
+    mid = np.asarray(cheers.generate_image(["a cat"], sampler="midpoint", **kw)[0]).astype(int)
+    assert np.abs(euler - heun).max() > 0 and np.abs(heun - mid).max() > 0
+    again = np.asarray(cheers.generate_image(["a cat"], sampler="heun", **kw)[0]).astype(int)
+    assert np.array_equal(heun, again), "same seed, same image"
+    other = np.asarray(cheers.generate_image(["a cat"], seed=2, steps=3, cfg_scale=3.0)[0]).astype(int)
+    assert np.abs(euler - other).max() > 0
+    noguide = cheers.generate_image(["a cat"], seed=1, steps=2, cfg_scale=1.0)[0]
+    assert noguide.size == (128, 128)
+    with pytest.raises(ValueError, match="unknown sampler 'rk9'"):
+        cheers.generate_image(["a cat"], sampler="rk9", steps=2)
+
+
+def test_text_sampling_options(cheers):
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    greedy = cheers.chat(msgs, max_new_tokens=10)
+    s1 = cheers.chat(msgs, max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    s2 = cheers.chat(msgs, max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    assert s1 == s2, "seeded sampling is reproducible"
+    assert cheers.chat(msgs, max_new_tokens=10, temperature=1.0, seed=8) != s1
+    rep = cheers.chat(msgs, max_new_tokens=10, repetition_penalty=5.0)
+    assert rep != greedy  # the greedy output of this random model repeats tokens; the penalty breaks that
+    first_piece = greedy[: max(1, len(greedy) // 2)][-2:]
+    stopped = cheers.chat(msgs, max_new_tokens=10, stop=[first_piece])
+    assert first_piece not in stopped and greedy.startswith(stopped)
+    with pytest.raises(TypeError, match="unknown text sampling option"):
+        cheers.chat(msgs, beam_width=3)
+    with pytest.raises(ValueError, match="top_p"):
+        cheers.chat(msgs, top_p=0.0)
+
+
+def test_too_long_prompt_is_a_clear_error(cheers):
+    cheers.config.text.max_position_embeddings, old = 200, cheers.config.text.max_position_embeddings
+    try:
+        with pytest.raises(ValueError, match=r"prompt 0: \d+ positions .* exceed the model's 200"):
+            cheers.chat([{"role": "user", "content": "word " * 300}], max_new_tokens=4)
+    finally:
+        cheers.config.text.max_position_embeddings = old
+
+
+def test_bad_inputs(cheers, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="broken.png"):
+        cheers.answer([str(bad)], ["what?"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="2 images but 1 questions"):
+        cheers.answer([Image.new("RGB", (8, 8))] * 2, ["what?"])
+    with pytest.raises(ValueError, match="role"):
+        cheers.chat([{"role": "robot", "content": "hi"}])
