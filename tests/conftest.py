@@ -44,3 +44,11 @@ def golden_meta(name: str) -> dict[str, str]:
 
     with safe_open(str(GOLDENS / f"{name}.safetensors"), "pt") as f:
         return f.metadata() or {}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-weight cheers-tiny model directory with a small tokenizer (official format)."""
+    from cheers.testing import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))

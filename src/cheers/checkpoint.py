@@ -221,7 +221,10 @@ def save_model(model: CheersModel, directory: str | os.PathLike, max_shard_bytes
     for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_NAME]:
         if stale.exists() and stale.name not in keep:
             stale.unlink()
+    umask = os.umask(0)
+    os.umask(umask)
     for tmp, final in staged:
+        os.chmod(tmp, 0o666 & ~umask)  # temp files are private; the checkpoint gets normal permissions
         os.replace(tmp, final)
     model.config.save_json(directory / "config.json")
     return directory
