@@ -1,0 +1,1 @@
+"""Training of Cheers: the data pipeline (`cheers.train.data`) and the trainer."""

@@ -1,0 +1,468 @@
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cheers import constants as C
+from cheers.config import _tiny_tokens
+from cheers.processor import preprocess_generation, preprocess_understanding
+from cheers.tokenizer import train_small_tokenizer
+from cheers.train.data import (
+    DataError,
+    JsonlSource,
+    MixedSource,
+    Record,
+    Sample,
+    SampleBuilder,
+    SampleStream,
+    cfg_dropout,
+    collate,
+    encode_conversation,
+)
+
+SHARED = Path(os.environ.get("CHEERS_SHARED", Path(__file__).resolve().parents[2] / ".." / "shared")).resolve()
+GOLDENS = SHARED / "parity" / "goldens"
+needs_shared = pytest.mark.skipif(
+    not (GOLDENS / "e_train_loss.safetensors").is_file() or not (SHARED / "reference" / "tokenizer").is_dir(),
+    reason=f"shared parity data not found at {SHARED} (set CHEERS_SHARED)",
+)
+R, N_IMG = 32, 4
+T = _tiny_tokens()
+
+UND = {"id": "u", "image": "a.png", "conversations": [
+    {"from": "human", "value": "<im_start><image><im_end>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]}
+GEN = {"id": "g", "image": "b.png", "conversations": [
+    {"from": "human", "value": "A red disk.\nBased on the above description, generate an image."},
+    {"from": "gpt", "value": "<im_start><image_gen><im_end>"}]}
+EDIT = {"id": "e", "image": "a.png, b.png", "conversations": [
+    {"from": "human", "value": "<im_start><image><im_end>\nMake it blue."},
+    {"from": "gpt", "value": "<im_start><image_gen><im_end>"}]}
+TEXT = {"id": "t", "conversations": [{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi!"},
+                                     {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye."}]}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = [json.dumps(r) for r in (UND, GEN, EDIT, TEXT)] * 10 + ["What is this? A cat. Make it blue."] * 10
+    return train_small_tokenizer(texts, 320, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    from cheers.tokenizer import CheersTokenizer
+
+    return CheersTokenizer.from_dir(SHARED / "reference" / "tokenizer")
+
+
+@pytest.fixture()
+def root(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (48, 36, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return tmp_path
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+def builder(tok, **kw):
+    kw.setdefault("cfg_dropout", 0.0)
+    return SampleBuilder(tok, R, N_IMG, **kw)
+
+
+# ---- golden e -------------------------------------------------------------------------------------------------------
+
+
+@needs_shared
+def test_golden_e_ids_labels_mask(qwen):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = str(GOLDENS / "e_train_loss.safetensors")
+    e = load_file(path)
+    with safe_open(path, "pt") as f:
+        convs = json.loads(f.metadata()["samples"])
+    samples = []
+    for c in convs:
+        ids, labels = encode_conversation(c, qwen)
+        samples.append(Sample(ids, labels, torch.zeros(1, 3, 2, 2), torch.ones(1)))
+    batch = collate(samples, pad_id=0)
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(batch[key], e[key]), key
+
+
+@needs_shared
+def test_golden_e_full_pipeline(qwen, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = str(GOLDENS / "e_train_loss.safetensors")
+    e = load_file(path)
+    with safe_open(path, "pt") as f:
+        convs = json.loads(f.metadata()["samples"])
+    rows = [{"id": "s0", "image": "e_sample0_image.png", "conversations": convs[0]},
+            {"id": "s1", "image": ["e_sample1_image.png"], "conversations": convs[1]}]
+    src = JsonlSource(write_jsonl(tmp_path / "e.jsonl", rows), GOLDENS, shuffle=False, loop=False)
+    stream = SampleStream(src, SampleBuilder(qwen, 128, 16, max_length=57, cfg_dropout=0.0))
+    batch = next(stream.batches(2, pad_id=0))
+    assert list(batch) == ["input_ids", "attention_mask", "labels", "pixel_values", "t"]
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(batch[key], e[key]), key
+    assert torch.equal(batch["pixel_values"].to(torch.bfloat16).float(), e["pixel_values"])
+    assert batch["t"][0] == 1.0 and 0.0 < batch["t"][1] < 1.0
+    # the expanded length of the longest row is the golden's 57; one position less is too long
+    with pytest.raises(DataError, match=r"e\.jsonl:2: sample too long: 57 positions"):
+        b = SampleBuilder(qwen, 128, 16, max_length=56, cfg_dropout=0.0)
+        SampleStream(JsonlSource(tmp_path / "e.jsonl", GOLDENS, shuffle=False), b).batches(2).__next__()
+
+
+# ---- tokenization and labels ----------------------------------------------------------------------------------------
+
+
+def test_labels_with_small_tokenizer(tok):
+    ids, labels = encode_conversation(EDIT["conversations"], tok)
+    assert ids.dtype == labels.dtype == torch.long and ids.shape == labels.shape
+    assert (ids == C.IMAGE_PLACEHOLDER).sum() == 1 and (ids == C.IMAGE_GEN_PLACEHOLDER).sum() == 1
+    assert not torch.isin(ids, torch.tensor([T.image, T.image_gen])).any()
+    # the read image (user turn) is ignored, the generated one (assistant turn) keeps its token id as label
+    assert labels[ids == C.IMAGE_PLACEHOLDER].item() == C.IGNORE_INDEX
+    assert labels[ids == C.IMAGE_GEN_PLACEHOLDER].item() == T.image_gen
+    structural = torch.tensor([T.newline, T.chat_start, T.chat_end, T.img_start, T.img_end, T.no_mean])
+    pos = torch.isin(ids, structural)
+    assert torch.equal(labels[pos], ids[pos])
+    # the assistant turn is the tail: <|im_start|>assistant\n<im_start><image_gen><im_end><|im_end|>\n
+    tail = tok.encode("<|im_start|>assistant\n<im_start><image_gen><im_end><|im_end|>\n")
+    assert labels[-len(tail):].tolist() == tail
+    # non-structural user/system tokens are ignored
+    head = tok.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert all((lab == i) == (i in structural.tolist()) for i, lab in zip(head, labels[: len(head)].tolist()))
+    # values are stripped
+    ids2, _ = encode_conversation([{"from": "human", "value": "  Hello there \n"}, {"from": "gpt", "value": " Hi! "}], tok)
+    ids3, _ = encode_conversation([{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi!"}], tok)
+    assert torch.equal(ids2, ids3)
+
+
+def test_multi_turn_labels(tok):
+    ids, labels = encode_conversation(TEXT["conversations"], tok)
+    text_ids = tok.encode("Hi!")
+    # assistant content labelled, user content not
+    s = ids.tolist()
+    for k in range(len(s) - len(text_ids) + 1):
+        if s[k: k + len(text_ids)] == text_ids:
+            assert labels[k: k + len(text_ids)].tolist() == text_ids
+    user = tok.encode("Hello there")
+    k = next(k for k in range(len(s)) if s[k: k + len(user)] == user)
+    assert all(lab == C.IGNORE_INDEX or i == T.newline for i, lab in zip(user, labels[k: k + len(user)].tolist()))
+
+
+# ---- samples and collate --------------------------------------------------------------------------------------------
+
+
+def test_build_samples_images_and_t(tok, root):
+    b = builder(tok)
+    und = b.build(Record(json.dumps(UND).encode(), "x:1", root), 0)
+    assert und.pixel_values.shape == (1, 3, R, R) and und.t.tolist() == [1.0]
+    assert torch.equal(und.pixel_values[0], preprocess_understanding(root / "a.png", R))
+    gen = b.build(Record(json.dumps(GEN).encode(), "x:2", root), 1)
+    assert torch.equal(gen.pixel_values[0], preprocess_generation(root / "b.png", R))
+    assert 1e-6 <= gen.t.item() <= 1 - 1e-6 and gen.t.item() != 1.0
+    edit = b.build(Record(json.dumps(EDIT).encode(), "x:3", root), 2)
+    assert torch.equal(edit.pixel_values[0], preprocess_understanding(root / "a.png", R))
+    assert torch.equal(edit.pixel_values[1], preprocess_generation(root / "b.png", R))
+    assert edit.t[0] == 1.0 and 0 < edit.t[1] < 1
+    text = b.build(Record(json.dumps(TEXT).encode(), "x:4", root), 3)
+    assert torch.equal(text.pixel_values, torch.zeros(1, 3, R, R)) and text.t.tolist() == [0.0]
+    # same index -> same draws; other index -> other draws
+    assert torch.equal(b.build(Record(json.dumps(GEN).encode(), "x:2", root), 1).t, gen.t)
+    assert not torch.equal(b.build(Record(json.dumps(GEN).encode(), "x:2", root), 7).t, gen.t)
+
+    batch = collate([text, edit, und], pad_id=T.pad)
+    assert list(batch) == ["input_ids", "attention_mask", "labels", "pixel_values", "t"]
+    L = max(len(s.input_ids) for s in (text, edit, und))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, L)
+    assert batch["pixel_values"].shape == (4, 3, R, R)
+    assert torch.equal(batch["pixel_values"][1:3], edit.pixel_values) and torch.equal(batch["pixel_values"][3], und.pixel_values[0])
+    assert batch["t"].tolist() == [0.0, 1.0, edit.t[1].item(), 1.0]
+    for row, s in enumerate((text, edit, und)):
+        n = len(s.input_ids)
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (L - n)
+        assert torch.equal(batch["input_ids"][row, :n], s.input_ids)
+        assert (batch["input_ids"][row, n:] == T.pad).all() and (batch["labels"][row, n:] == -100).all()
+    assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
+    with pytest.raises(ValueError, match="need 1 image"):
+        collate([Sample(und.input_ids, und.labels, und.pixel_values[:0], und.t[:0])], 0)
+
+
+def test_max_length_counts_images_and_dummy(tok, root):
+    text_len = builder(tok).build(Record(json.dumps(TEXT).encode(), "x:1", root)).expanded_length(N_IMG)
+    b = builder(tok, max_length=text_len)
+    b.build(Record(json.dumps(TEXT).encode(), "x:1", root))
+    b = builder(tok, max_length=text_len - 1)
+    with pytest.raises(DataError, match=r"^x:1: sample too long: .* 1 image\(s\) x 4 tokens"):
+        b.build(Record(json.dumps(TEXT).encode(), "x:1", root))
+
+
+# ---- bad data -------------------------------------------------------------------------------------------------------
+
+
+BAD_CASES = [
+    ('{"id": "x", "conversations": [', "malformed JSON"),
+    ('[1, 2]', "record must be a JSON object"),
+    ({"id": "x", "conversations": UND["conversations"], "image": "a.png", "caption": "?"}, r"unknown key\(s\) \['caption'\]"),
+    ({"id": "x"}, "missing 'conversations'"),
+    ({"id": [1], "conversations": TEXT["conversations"]}, "'id' must be a string or an integer"),
+    ({"conversations": "hello"}, "'conversations' must be a non-empty list"),
+    ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}, "must start with a human turn"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}, "roles must alternate human/gpt: turn 1"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}]}, "must end with a gpt turn"),
+    ({"conversations": [{"from": "robot", "value": "a"}, {"from": "gpt", "value": "b"}]}, "unknown role 'robot'"),
+    ({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "b"}]}, "'value' must be a string"),
+    ({"conversations": [{"from": "human", "value": "a", "lang": "en"}, {"from": "gpt", "value": "b"}]}, r"turn 0 has unknown key"),
+    ({"conversations": [{"from": "human", "value": "a"}, "b"]}, "turn 1 is a str"),
+    ({"image": "a.png", "conversations": TEXT["conversations"]}, r"0 image tag\(s\) .* but 1 image path"),
+    ({"conversations": UND["conversations"]}, r"1 image tag\(s\) in the conversation \(<image> x1, <image_gen> x0\) but 0 image path"),
+    ({"image": "a.png", "conversations": EDIT["conversations"]}, r"2 image tag\(s\) in the conversation \(<image> x1, <image_gen> x1\) but 1"),
+    ({"image": 5, "conversations": UND["conversations"]}, "'image' must be a path"),
+    ({"image": ["a.png", ""], "conversations": EDIT["conversations"]}, "image path 1 is ''"),
+    ({"image": "missing.png", "conversations": UND["conversations"]}, r"image 1/1 not found: .*missing\.png"),
+    ({"image": "a.png, broken.png", "conversations": EDIT["conversations"]}, r"image to generate 2/2 unusable: .*broken\.png: not a recognised"),
+]
+
+
+@pytest.mark.parametrize("row,cause", BAD_CASES)
+def test_bad_samples_name_file_line_and_cause(tok, root, row, cause):
+    path = write_jsonl(root / "data.jsonl", [UND, "", row, GEN])  # the bad record is on line 3
+    stream = SampleStream(JsonlSource(path, shuffle=False, loop=False), builder(tok))
+    assert next(stream).id == "u"
+    with pytest.raises(DataError) as info:
+        next(stream)
+    assert info.value.where == f"{path}:3"
+    assert str(info.value).startswith(f"{path}:3: ")
+    import re
+
+    assert re.search(cause, info.value.cause), info.value.cause
+    assert next(stream).id == "g"  # the stream continues after the bad line
+
+
+def test_invalid_utf8_line(tok, root):
+    path = root / "bin.jsonl"
+    path.write_bytes(json.dumps(UND).encode() + b"\n" + b'{"id": "\xff\xfe"}\n')
+    stream = SampleStream(JsonlSource(path, shuffle=False, loop=False), builder(tok))
+    next(stream)
+    with pytest.raises(DataError, match=r"bin\.jsonl:2: line is not valid UTF-8"):
+        next(stream)
+
+
+def test_skip_policy_counts_and_logs(tok, root, caplog):
+    rows = [UND, "{broken", GEN, {"conversations": UND["conversations"]}, TEXT, EDIT,
+            {"image": "missing.png", "conversations": UND["conversations"]}]
+    path = write_jsonl(root / "mixed.jsonl", rows)
+    stream = SampleStream(JsonlSource(path, shuffle=False, loop=False), builder(tok), on_bad_sample="skip")
+    with caplog.at_level(logging.WARNING, logger="cheers.data"):
+        got = [s.id for s in stream]
+    assert got == ["u", "g", "t", "e"]
+    assert stream.skipped == 3 and stream.built == 4 and stream.drawn == 7
+    assert [m.split(": ")[0] for m in stream.skipped_samples] == [f"{path}:2", f"{path}:4", f"{path}:7"]
+    assert sum(f"{path}:" in r.getMessage() for r in caplog.records) == 3
+    # batches: 4 good samples, batch 3 -> 3 + 1
+    stream = SampleStream(JsonlSource(path, shuffle=False, loop=False), builder(tok), on_bad_sample="skip")
+    sizes = [b["input_ids"].shape[0] for b in stream.batches(3)]
+    assert sizes == [3, 1]
+    with pytest.raises(ValueError, match="on_bad_sample"):
+        SampleStream(stream.source, builder(tok), on_bad_sample="ignore")
+
+
+def test_all_bad_does_not_spin(tok, root):
+    path = write_jsonl(root / "bad.jsonl", ["{"] * 3)
+    stream = SampleStream(JsonlSource(path, shuffle=True), builder(tok), on_bad_sample="skip", max_consecutive_bad=10)
+    with pytest.raises(DataError, match="10 bad samples in a row"):
+        next(stream)
+    empty = write_jsonl(root / "empty.jsonl", ["", "  "])
+    with pytest.raises(DataError, match="contains no records"):
+        next(JsonlSource(empty, shuffle=False))
+    with pytest.raises(DataError, match="no such data file"):
+        JsonlSource(root / "nope.jsonl")
+
+
+# ---- streaming, shuffling, resume -----------------------------------------------------------------------------------
+
+
+def numbered(root, n=23):
+    rows = []
+    for i in range(n):
+        rows.append({"id": i, "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]})
+        if i % 5 == 2:
+            rows.append("")  # blank lines are not records
+    return write_jsonl(root / "num.jsonl", rows)
+
+
+def ids_of(records, k):
+    return [json.loads(next(records).raw)["id"] for _ in range(k)]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_source_epochs_and_exact_resume(root, shuffle):
+    path = numbered(root)
+    src = JsonlSource(path, shuffle=shuffle, seed=5)
+    first = ids_of(src, 23)
+    assert sorted(first) == list(range(23))
+    assert (first == list(range(23))) is (not shuffle)
+    second = ids_of(src, 23)
+    assert sorted(second) == list(range(23)) and src.epoch == 1
+    if shuffle:
+        assert second != first
+    # save mid-epoch (also across an epoch boundary), restore into a fresh source, same continuation
+    for k in (0, 7, 23, 30):
+        a = JsonlSource(path, shuffle=shuffle, seed=5)
+        ids_of(a, k)
+        state = json.loads(json.dumps(a.state_dict()))
+        want = ids_of(a, 40)
+        b = JsonlSource(path, shuffle=shuffle, seed=5)
+        b.load_state_dict(state)
+        assert ids_of(b, 40) == want
+    # line numbers count blank lines
+    wheres = [r.where for r in JsonlSource(path, shuffle=False, loop=False)]
+    assert wheres[3] == f"{path}:5"
+    # one epoch only
+    assert len(list(JsonlSource(path, shuffle=shuffle, loop=False))) == 23
+    other = JsonlSource(path, shuffle=shuffle, seed=6)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_source_sharding(root, shuffle):
+    path = numbered(root)
+    parts = [[json.loads(r.raw)["id"] for r in JsonlSource(path, shuffle=shuffle, loop=False, rank=k, world_size=3)]
+             for k in range(3)]
+    assert sorted(sum(parts, [])) == list(range(23))
+    assert [len(p) for p in parts] == [8, 8, 7]
+
+
+def test_mixed_source_ratio_and_resume(root):
+    def src(name, n):
+        rows = [{"id": f"{name}{i}", "conversations": TEXT["conversations"]} for i in range(n)]
+        return JsonlSource(write_jsonl(root / f"{name}.jsonl", rows), shuffle=True, seed=1)
+
+    def mix():
+        return MixedSource({"und": (src("u", 7), 3), "gen": (src("g", 11), 6), "text": (src("t", 5), 1)}, seed=42)
+
+    m = mix()
+    names = [next(m).source for _ in range(3000)]
+    for name, share in (("und", 0.3), ("gen", 0.6), ("text", 0.1)):
+        assert abs(names.count(name) / 3000 - share) < 0.03, (name, names.count(name))
+    assert m.counts == {n: names.count(n) for n in ("und", "gen", "text")}
+    # exact resume
+    a = mix()
+    for _ in range(123):
+        next(a)
+    state = json.loads(json.dumps(a.state_dict()))
+    want = [next(a).raw for _ in range(50)]
+    b = mix()
+    b.load_state_dict(state)
+    assert [next(b).raw for _ in range(50)] == want
+    # determinism
+    assert [next(mix()).raw for _ in range(1)] == [next(mix()).raw]
+
+
+def test_mixed_source_exhaustion(root):
+    rows = [{"id": i, "conversations": TEXT["conversations"]} for i in range(3)]
+    a = JsonlSource(write_jsonl(root / "a.jsonl", rows), shuffle=False, loop=False)
+    b = JsonlSource(write_jsonl(root / "b.jsonl", rows[:2]), shuffle=False, loop=False)
+    got = [r.source for r in MixedSource({"a": (a, 1), "b": (b, 5)}, seed=0)]
+    assert sorted(got) == ["a", "a", "a", "b", "b"]
+    with pytest.raises(ValueError, match="weight"):
+        MixedSource({"a": (a, 0)})
+
+
+def test_sample_stream_resume_is_exact(tok, root):
+    rows = [UND, GEN, EDIT, TEXT, "{bad", GEN, GEN, EDIT]
+    path = write_jsonl(root / "s.jsonl", rows)
+
+    def stream():
+        return SampleStream(JsonlSource(path, shuffle=True, seed=3), builder(tok, cfg_dropout=0.5, seed=9),
+                            on_bad_sample="skip")
+
+    a = stream()
+    batches = a.batches(2)
+    for _ in range(3):
+        next(batches)
+    state = json.loads(json.dumps(a.state_dict()))
+    want = [next(batches) for _ in range(5)]
+    b = stream()
+    b.load_state_dict(state)
+    got = list(itertools.islice(b.batches(2), 5))
+    for x, y in zip(want, got):
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+    assert b.skipped == a.skipped and b.drawn == a.drawn
+    # two fresh streams give identical batches (determinism)
+    for x, y in zip(stream().batches(3), stream().batches(3)):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+        break
+
+
+# ---- CFG dropout ----------------------------------------------------------------------------------------------------
+
+
+def test_cfg_dropout_rate_and_survivors(tok):
+    ids, _ = encode_conversation(EDIT["conversations"], tok)
+    batch = ids.repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    out, dropped = cfg_dropout(batch, T, p=0.2, generator=g)
+    assert abs(dropped.float().mean().item() - 0.2) < 0.02
+    assert torch.equal(out[~dropped], batch[~dropped])
+    row = out[dropped][0]
+    keep = torch.isin(ids, torch.tensor([C.IMAGE_GEN_PLACEHOLDER, C.IMAGE_PLACEHOLDER, T.img_start, T.img_end]))
+    assert torch.equal(row[keep], ids[keep])
+    assert (row[~keep] == T.no_mean).all()
+    assert (row == C.IMAGE_GEN_PLACEHOLDER).sum() == 1 and (row == C.IMAGE_PLACEHOLDER).sum() == 1
+    # rows without an image to generate are never dropped
+    und, _ = encode_conversation(UND["conversations"], tok)
+    out, dropped = cfg_dropout(und.repeat(100, 1), T, p=1.0)
+    assert not dropped.any() and torch.equal(out, und.repeat(100, 1))
+    # padding survives when a mask is given; same seed -> same result
+    mask = torch.ones(2, len(ids), dtype=torch.long)
+    mask[1, -3:] = 0
+    out, _ = cfg_dropout(ids.repeat(2, 1), T, p=1.0, attention_mask=mask)
+    assert torch.equal(out[1, -3:], ids[-3:]) and (out[0, -3:] != ids[-3:]).any()
+    a = cfg_dropout(batch, T, 0.2, torch.Generator().manual_seed(5))[0]
+    assert torch.equal(a, cfg_dropout(batch, T, 0.2, torch.Generator().manual_seed(5))[0])
+
+
+def test_cfg_dropout_in_builder_keeps_labels(tok, root):
+    b = builder(tok, cfg_dropout=0.5, seed=1)
+    plain = builder(tok).build(Record(json.dumps(GEN).encode(), "x:1", root))
+    samples = [b.build(Record(json.dumps(GEN).encode(), "x:1", root), i) for i in range(200)]
+    rate = sum(s.cfg_dropped for s in samples) / 200
+    assert 0.38 < rate < 0.62
+    for s in samples:
+        assert torch.equal(s.labels, plain.labels)
+        if s.cfg_dropped:
+            assert (s.input_ids == T.no_mean).sum() == len(s.input_ids) - 3  # <im_start>, -300, <im_end> survive
+        else:
+            assert torch.equal(s.input_ids, plain.input_ids)
+    und = [b.build(Record(json.dumps(UND).encode(), "x:1", root), i) for i in range(20)]
+    assert not any(s.cfg_dropped for s in und)
+
+
+def test_bad_image_black_policy(tok, root, caplog):
+    b = builder(tok, bad_image="black")
+    row = {"image": ["missing.png", "broken.png"], "conversations": EDIT["conversations"]}
+    with caplog.at_level(logging.WARNING, logger="cheers.data"):
+        s = b.build(Record(json.dumps(row).encode(), "f.jsonl:9", root))
+    assert torch.equal(s.pixel_values, torch.zeros(2, 3, R, R)) and b.black_images == 2
+    assert [r.getMessage().split(": ")[0] for r in caplog.records] == ["f.jsonl:9", "f.jsonl:9"]
+    with pytest.raises(ValueError, match="bad_image"):
+        builder(tok, bad_image="grey")
