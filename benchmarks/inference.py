@@ -1,0 +1,204 @@
+"""Inference benchmark: T2I step time with CFG (batch 1/4/16), decode tokens/s, peak memory, fraction of the
+measured fp32 matmul peak; compared with the reference's CPU timings in ../shared/parity/BASELINE.md.
+
+    python benchmarks/inference.py            # tiny parity config + cheers-1.5b (random weights, slow: minutes)
+    python benchmarks/inference.py --quick    # tiny parity config only (< 1 minute)
+
+Method (as BASELINE.md): prompt "A small red apple on a wooden table." in the chat format with <im_start>
+appended, dummy image prefix, cfg 3.0, shift 0.5; one step = the CFG velocity (both guidance rows) + Euler update
++ cache slot reuse, timed as the interval between the starts of successive velocity evaluations; decode = the
+golden-a prompt and image, 32 greedy tokens, rate over tokens 2..32. Figures are medians of repeats after warm-up.
+The script ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from cheers import sampling as S  # noqa: E402
+from cheers.checkpoint import load_model  # noqa: E402
+from cheers.config import preset  # noqa: E402
+from cheers.model.cheers import CheersModel  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+# ../shared/parity/BASELINE.md (official code, fp32, 2 threads): medians
+REF_T2I_STEP_S = 0.381
+REF_DECODE_TOK_S = 292.0
+PROMPT_LEN = 29  # ids of the benchmark prompt (golden d)
+
+
+def matmul_peak(seconds: float = 2.0) -> float:
+    """Measured fp32 GEMM throughput (GFLOP/s), best of a few 2048^3 products."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def prompt_rows(model: CheersModel, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B conditional + B unconditional rows of the benchmark prompt's length (ids are irrelevant to timing)."""
+    tk = model.config.tokens
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.randint(0, min(tk.pad, model.config.text.vocab_size), (batch, PROMPT_LEN), generator=gen)
+    cond[:, -1] = tk.img_start
+    uncond = torch.full_like(cond, tk.no_mean)
+    uncond[:, -1] = tk.img_start
+    return torch.cat([cond, uncond]), torch.ones(2 * batch, PROMPT_LEN, dtype=torch.long)
+
+
+@torch.no_grad()
+def t2i_steps(model: CheersModel, batch: int, steps: int, repeats: int) -> dict:
+    cfg = model.config
+    g = cfg.grid
+    R = cfg.resolution
+    ids, mask = prompt_rows(model, batch)
+    latents = model.encode_images(torch.rand(batch, 3, R, R))
+    times, totals = [], []
+    for rep in range(repeats + 1):  # first = warm-up
+        starts: list[float] = []
+        t0 = time.perf_counter()
+        prefix = S.prefill(model, ids, mask, torch.cat([latents, latents]))
+        velocity = S.GuidedVelocity(model, prefix, 3.0, True)
+        timed = _TimedVelocity(velocity, starts)
+        x = torch.randn(batch, cfg.latent_channels, g, g)
+        S.integrate(timed, x, S.time_grid(steps, 0.5))
+        total = time.perf_counter() - t0
+        if rep:
+            times += [b - a for a, b in zip(starts[:-1], starts[1:])]
+            totals.append(total)
+    step = statistics.median(times)
+    return {"batch": batch, "step_s": step, "images_per_s": batch / step, "call_s": statistics.median(totals)}
+
+
+class _TimedVelocity:
+    def __init__(self, inner: S.GuidedVelocity, starts: list[float]) -> None:
+        self.inner, self.starts = inner, starts
+
+    def __call__(self, x, t, commit=False):
+        self.starts.append(time.perf_counter())
+        return self.inner(x, t, commit=commit)
+
+
+@torch.no_grad()
+def step_flops(model_cfg, batch: int) -> float:
+    """FLOPs of one CFG step (read path once, LLM + heads on 2B rows), counted on the meta device."""
+    with torch.device("meta"):
+        model = CheersModel(model_cfg)
+        g = model_cfg.grid
+        x = torch.randn(batch, model_cfg.latent_channels, g, g)
+        prefix_len = PROMPT_LEN + model_cfg.num_image_tokens
+        with FlopCounterMode(display=False) as fc:
+            reading = model.read_latents(x)
+            tokens = torch.cat([reading.tokens, reading.tokens])
+            detail = torch.cat([reading.detail, reading.detail])
+            # the LLM pass over the image block on top of a cached prefix: count it with a prefix of zeros
+            embeds = torch.cat([torch.zeros(2 * batch, prefix_len, model_cfg.text.hidden_size), tokens], 1)
+            hidden = model.model.language_model(embeds, causal=False)[:, prefix_len:]
+            model.velocity_head(hidden, torch.full((2 * batch,), 0.5), detail)
+        total = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc_prefix:  # remove the prefix positions' share (they are cached)
+            model.model.language_model(torch.zeros(2 * batch, prefix_len, model_cfg.text.hidden_size))
+        return float(total - fc_prefix.get_total_flops())
+
+
+@torch.no_grad()
+def decode_rate(model: CheersModel, n_tokens: int = 32, repeats: int = 5) -> dict:
+    """Golden-a prompt + image, greedy, n tokens; rate over tokens 2..n (KV cache)."""
+    from safetensors.torch import load_file
+
+    a = load_file(str(SHARED / "parity" / "goldens" / "a_understanding.safetensors"))
+    ids, mask = a["input_ids"][None], a["attention_mask"][None]
+    rates, prefills = [], []
+    for rep in range(repeats + 1):
+        t0 = time.perf_counter()
+        latents = model.encode_images(a["pixel_values"])
+        prefix = S.prefill(model, ids, mask, latents)
+        marks = []
+        for _ in S.decode_tokens(model, prefix, S.TextSampling(max_new_tokens=n_tokens)):
+            marks.append(time.perf_counter())
+        if rep:
+            prefills.append(marks[0] - t0)
+            rates.append((n_tokens - 1) / (marks[-1] - marks[0]))
+    return {"decode_tok_s": statistics.median(rates), "prefill_s": statistics.median(prefills)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny parity configuration only (< 1 minute)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak()
+    print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s ({args.threads} threads)")
+    result: dict = {"matmul_peak_gflops": round(peak, 1)}
+
+    tiny_dir = SHARED / "parity" / "tiny-official"
+    tiny = load_model(tiny_dir) if tiny_dir.exists() else CheersModel(preset("cheers-parity-tiny")).eval()
+    rows = []
+    for batch in (1, 4, 16):
+        r = t2i_steps(tiny, batch, steps=4, repeats=3 if args.quick else 5)
+        flops = step_flops(tiny.config, batch)
+        r["gflops_per_step"] = flops / 1e9
+        r["fraction_of_peak"] = flops / r["step_s"] / 1e9 / peak
+        rows.append(r)
+    dec = decode_rate(tiny) if (SHARED / "parity").exists() else {"decode_tok_s": float("nan"), "prefill_s": float("nan")}
+    print("\ntiny parity configuration (18.1 M parameters, 128 px, 16 image tokens), T2I with CFG:")
+    print(f"{'batch':>5} {'s/step':>9} {'images/s':>9} {'GFLOP/step':>11} {'of peak':>8}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['step_s']:>9.4f} {r['images_per_s']:>9.2f} {r['gflops_per_step']:>11.2f} "
+              f"{r['fraction_of_peak']:>8.1%}")
+    t2i_speedup = REF_T2I_STEP_S / rows[0]["step_s"]
+    dec_speedup = dec["decode_tok_s"] / REF_DECODE_TOK_S
+    print(f"reference step (batch 1): {REF_T2I_STEP_S} s -> speedup {t2i_speedup:.2f}x (target >= 1.7x)")
+    print(f"decode: {dec['decode_tok_s']:.0f} tok/s (reference {REF_DECODE_TOK_S:.0f}) -> {dec_speedup:.2f}x "
+          f"(target >= 2x); prefill {dec['prefill_s'] * 1000:.0f} ms")
+    result.update({
+        "tiny_t2i": rows, "tiny_decode_tok_s": round(dec["decode_tok_s"], 1),
+        "t2i_speedup_vs_reference": round(t2i_speedup, 3), "decode_speedup_vs_reference": round(dec_speedup, 3),
+    })
+    del tiny
+
+    if not args.quick:
+        cfg = preset("cheers-1.5b")
+        torch.manual_seed(0)
+        big = CheersModel(cfg).eval()  # random weights, fp32
+        big_rows = []
+        for batch in (1,):  # one 512 px image per row already takes tens of seconds on 2 cores
+            r = t2i_steps(big, batch, steps=2, repeats=1)
+            flops = step_flops(cfg, batch)
+            r["gflops_per_step"] = flops / 1e9
+            r["fraction_of_peak"] = flops / r["step_s"] / 1e9 / peak
+            big_rows.append(r)
+        print("\ncheers-1.5b (random weights, fp32, 512 px, 256 image tokens), T2I with CFG:")
+        for r in big_rows:
+            print(f"batch {r['batch']}: {r['step_s']:.2f} s/step, {r['gflops_per_step']:.0f} GFLOP/step, "
+                  f"{r['fraction_of_peak']:.1%} of the matmul peak")
+        result["big_t2i"] = big_rows
+        result["big_fraction_of_peak"] = round(big_rows[0]["fraction_of_peak"], 3)
+    result["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    print(f"\npeak memory (RSS): {result['peak_rss_gb']} GB")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
