@@ -45,12 +45,26 @@ def attention(
     is_causal: bool = False,
 ) -> torch.Tensor:
     """SDPA with grouped-query heads. q [B,H,L,hd], k/v [B,KV,S,hd], mask boolean (True = may attend)."""
+    if q.shape[2] == 1:
+        return _single_query_attention(q, k, v, mask)
     if k.shape[1] != q.shape[1]:
         # Expanding KV is cheaper than SDPA's enable_gqa path on CPU for the short sequences we run.
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+
+
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row (incremental decoding): two small matmuls over the grouped cache, no KV expansion.
+    The CPU flash kernel parallelizes over query blocks and is >10x slower for a single query."""
+    B, H, _, D = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(B, KV, H // KV, D)
+    scores = (qg @ k.transpose(-1, -2)) * D**-0.5  # [B, KV, H/KV, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(B, 1, 1, -1), float("-inf"))
+    return (scores.softmax(-1) @ v).reshape(B, H, 1, D)
 
 
 class SwiGLU(nn.Module):
