@@ -154,6 +154,7 @@ def main() -> None:
 
     tiny_dir = SHARED / "parity" / "tiny-official"
     tiny = load_model(tiny_dir) if tiny_dir.exists() else CheersModel(preset("cheers-parity-tiny")).eval()
+    tiny.channels_last_()  # as the pipeline does on CPU
     rows = []
     for batch in (1, 4, 16):
         r = t2i_steps(tiny, batch, steps=4, repeats=3 if args.quick else 5)
@@ -181,7 +182,7 @@ def main() -> None:
     if not args.quick:
         cfg = preset("cheers-1.5b")
         torch.manual_seed(0)
-        big = CheersModel(cfg).eval()  # random weights, fp32
+        big = CheersModel(cfg).eval().channels_last_()  # random weights, fp32
         big_rows = []
         for batch in (1,):  # one 512 px image per row already takes tens of seconds on 2 cores
             r = t2i_steps(big, batch, steps=2, repeats=1)

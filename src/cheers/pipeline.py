@@ -64,6 +64,8 @@ class Cheers:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            self.model.channels_last_()
         self.tokenizer = tokenizer
         self.config: CheersConfig = model.config
         self.image_defaults = image_defaults or ImageDefaults()

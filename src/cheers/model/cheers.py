@@ -286,6 +286,12 @@ class CheersModel(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.text.num_layers)
 
+    def channels_last_(self) -> "CheersModel":
+        """Store the convolution stacks channels-last: ~30% faster convolutions with oneDNN on CPU."""
+        for conv_stack in (self.model.vae_model, self.model.vae_decoder_projector):
+            conv_stack.to(memory_format=torch.channels_last)
+        return self
+
     def num_parameters(self, unique: bool = True) -> int:
         params = self.parameters() if unique else (p for _, p in self.named_parameters(remove_duplicate=False))
         return sum(p.numel() for p in params)
