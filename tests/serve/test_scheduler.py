@@ -1,0 +1,222 @@
+"""The batching scheduler on its own, with a recording fake model (no server, no torch work)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from cheers.serve import ApiError, Fields, Job, ModelRunner, Scheduler, StreamSink, parse_size
+
+
+class Recorder:
+    """An `execute` that records each batch and echoes its items (uppercased), failing on 'boom'."""
+
+    def __init__(self, delay: float = 0.0):
+        self.batches: list[tuple[str, list[str]]] = []
+        self.threads: set[str] = set()
+        self.delay = delay
+
+    def __call__(self, task, jobs):
+        self.threads.add(threading.current_thread().name)
+        items = [x for j in jobs for x in j.items]
+        self.batches.append((task, items))
+        time.sleep(self.delay)
+        if any(x == "boom" for x in items):
+            if len(jobs) == 1:
+                return [(False, ValueError("boom is not allowed"))]
+            return [self(task, [j])[0] for j in jobs]
+        return [(True, [x.upper() for x in j.items]) for j in jobs]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_compatible_jobs_share_one_call_and_incompatible_ones_do_not():
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, max_batch=8, max_wait_ms=50, max_queue=100)
+        await s.start()
+        jobs = [Job("image", ("image", 4), [f"a{i}"]) for i in range(5)]
+        jobs += [Job("image", ("image", 8), ["b0", "b1"])]  # other steps: other batch
+        jobs += [Job("chat", ("chat", 16), ["c0"])]
+        futs = [s.submit(j) for j in jobs]
+        res = await asyncio.gather(*futs)
+        await s.close()
+        return res, s
+
+    res, s = run(main())
+    assert [r.value for r in res[:5]] == [[f"A{i}"] for i in range(5)]
+    assert res[5].value == ["B0", "B1"] and res[6].value == ["C0"]
+    assert {r.batch_size for r in res[:5]} == {5} and len({r.batch_id for r in res[:5]}) == 1
+    assert sorted(len(items) for _, items in rec.batches) == [1, 2, 5]
+    assert rec.threads == {"cheers-model_0"}  # one model thread
+    assert s.stats.largest == 5 and s.pending_units == 0
+
+
+def test_max_batch_splits_and_keeps_order():
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, max_batch=3, max_wait_ms=30, max_queue=100)
+        await s.start()
+        futs = [s.submit(Job("chat", ("k",), [f"x{i}"])) for i in range(7)]
+        res = await asyncio.gather(*futs)
+        await s.close()
+        return res
+
+    res = run(main())
+    assert [r.value[0] for r in res] == [f"X{i}" for i in range(7)]
+    assert [len(items) for _, items in rec.batches] == [3, 3, 1]
+    assert [items for _, items in rec.batches][0] == ["x0", "x1", "x2"]
+
+
+def test_requests_arriving_while_busy_are_batched_without_waiting():
+    rec = Recorder(delay=0.2)
+
+    async def main():
+        s = Scheduler(rec, max_batch=16, max_wait_ms=0, max_queue=100)
+        await s.start()
+        first = s.submit(Job("chat", ("k",), ["first"]))
+        await asyncio.sleep(0.05)  # the first batch is running now
+        rest = [s.submit(Job("chat", ("k",), [f"r{i}"])) for i in range(6)]
+        res = await asyncio.gather(first, *rest)
+        await s.close()
+        return res
+
+    res = run(main())
+    assert res[0].batch_size == 1 and {r.batch_size for r in res[1:]} == {6}
+
+
+def test_queue_limit_answers_503_and_frees_up():
+    rec = Recorder(delay=0.1)
+
+    async def main():
+        s = Scheduler(rec, max_batch=1, max_wait_ms=0, max_queue=3)
+        await s.start()
+        futs = [s.submit(Job("chat", ("k",), ["a", "b"])), s.submit(Job("chat", ("k",), ["c"]))]
+        with pytest.raises(ApiError) as err:
+            s.submit(Job("chat", ("k",), ["d"]))
+        await asyncio.gather(*futs)
+        later = await s.submit(Job("chat", ("k",), ["e"]))
+        await s.close()
+        return err.value, later, s
+
+    err, later, s = run(main())
+    assert err.status == 503 and err.code == "queue_full" and "limit 3" in err.message
+    assert later.value == ["E"] and s.stats.rejected == 1 and s.pending_units == 0
+
+
+def test_a_failing_request_does_not_fail_its_batch():
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, max_batch=8, max_wait_ms=50, max_queue=100)
+        await s.start()
+        futs = [s.submit(Job("chat", ("k",), [x])) for x in ("ok1", "boom", "ok2")]
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        await s.close()
+        return res
+
+    ok1, boom, ok2 = run(main())
+    assert ok1.value == ["OK1"] and ok2.value == ["OK2"]
+    assert isinstance(boom, ValueError) and "boom" in str(boom)
+
+
+def test_cancelled_jobs_are_dropped_before_running():
+    rec = Recorder(delay=0.2)
+
+    async def main():
+        s = Scheduler(rec, max_batch=1, max_wait_ms=0, max_queue=10)
+        await s.start()
+        a = s.submit(Job("chat", ("k",), ["a"]))
+        await asyncio.sleep(0.05)
+        b = s.submit(Job("chat", ("k",), ["b"]))
+        b.cancel()
+        await a
+        await asyncio.sleep(0.05)
+        await s.close()
+        return s
+
+    s = run(main())
+    assert [items for _, items in rec.batches] == [["a"]] and s.pending_units == 0
+
+
+class FakeModel:
+    def __init__(self):
+        self.calls = []
+
+    def generate_image(self, prompts, seed, batch_size, **kw):
+        self.calls.append(("generate_image", list(prompts), list(seed), kw))
+        if "bad" in prompts:
+            raise ValueError("prompt 'bad' is too long")
+        return [f"img:{p}:{s}" for p, s in zip(prompts, seed)]
+
+    def chat(self, convs, stream=False, **kw):
+        self.calls.append(("chat", convs, stream, kw))
+        if stream:
+            return iter(["he", "llo"])
+        return [c[-1]["content"][::-1] for c in convs]
+
+
+def test_model_runner_makes_one_call_per_batch_and_splits_results():
+    m = FakeModel()
+    r = ModelRunner(m, max_batch=16)
+    jobs = [Job("image", ("image",), ["p", "p"], [3, 4], {"steps": 2}), Job("image", ("image",), ["q"], [9], {"steps": 2})]
+    out = r("image", jobs)
+    assert out == [(True, ["img:p:3", "img:p:4"]), (True, ["img:q:9"])]
+    assert len(m.calls) == 1 and m.calls[0][2] == [3, 4, 9] and m.calls[0][3] == {"steps": 2}
+    # a failure in a batch is retried per job: only the bad one fails
+    m.calls.clear()
+    out = r("image", [Job("image", ("image",), ["x"], [0]), Job("image", ("image",), ["bad"], [1])])
+    assert out[0] == (True, ["img:x:0"]) and out[1][0] is False and "too long" in str(out[1][1])
+    convs = [[{"role": "user", "content": "abc"}], [{"role": "user", "content": "xy"}]]
+    assert r("chat", [Job("chat", ("c",), [convs[0]], [0], {"seed": 0}), Job("chat", ("c",), [convs[1]], [0], {"seed": 0})]) \
+        == [(True, ["cba"]), (True, ["yx"])]
+
+
+def test_stream_job_pushes_pieces():
+    m = FakeModel()
+
+    async def main():
+        sink = StreamSink(asyncio.get_running_loop())
+        job = Job("chat_stream", ("s",), [[{"role": "user", "content": "hi"}]], [0], {"seed": 1}, False, sink)
+        out = await asyncio.to_thread(ModelRunner(m, 4), "chat_stream", [job])
+        pieces = []
+        while not sink.queue.empty():
+            pieces.append(sink.queue.get_nowait())
+        return out, pieces
+
+    out, pieces = run(main())
+    assert out == [(True, "hello")] and pieces == [("piece", "he"), ("piece", "llo")]
+
+
+def test_fields_name_the_offending_field():
+    f = Fields({"n": "2", "steps": 0, "extra": 1, "cfg": float("nan")})
+    with pytest.raises(ApiError) as e:
+        f.only({"n", "steps", "cfg"})
+    assert e.value.param == "extra" and "unknown field 'extra'" in e.value.message
+    with pytest.raises(ApiError) as e:
+        f.int("n")
+    assert e.value.param == "n" and "integer" in e.value.message
+    with pytest.raises(ApiError) as e:
+        f.int("steps", 1, 1, 10)
+    assert e.value.param == "steps" and ">= 1" in e.value.message
+    with pytest.raises(ApiError) as e:
+        f.float("cfg")
+    assert e.value.param == "cfg"
+    with pytest.raises(ApiError) as e:
+        Fields([1, 2])
+    assert "must be a JSON object" in e.value.message
+    assert Fields({"n": "3"}, form=True).int("n") == 3
+
+
+def test_parse_size():
+    assert parse_size("25MB") == 25 * 2**20 and parse_size("512KB") == 512 * 1024 and parse_size("100") == 100
+    assert parse_size("1.5k") == 1536
+    with pytest.raises(Exception):
+        parse_size("lots")
