@@ -1,0 +1,152 @@
+"""Process-group setup and model wrapping for training: one process, DDP, or FSDP2 (`fully_shard` on a 1-D mesh).
+
+Launch with `torchrun --nproc-per-node N ...`; the environment it sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) decides everything here. Backend: gloo on CPU, nccl on CUDA (config `distributed.backend`).
+
+FSDP2 units: every LLM decoder layer, every ViT layer, the latent-to-pixel decoder and each flow-head stage get
+their own `fully_shard`; the root holds the rest (tied embedding / LM head, projectors, gate, time embedder). Only
+modules whose `forward` the model calls are sharded on their own (FSDP2 gathers parameters in forward hooks). The
+frozen VAE is left out of sharding (`ignored_params`): every rank keeps a full copy, so latents can be computed
+outside the model's forward (the latent cache).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    strategy: str = "none"  # effective strategy
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(strategy: str, backend: str = "auto", device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Initialise the default process group when launched by torchrun with more than one process."""
+    world = launched_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but CUDA is not available")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world == 1:
+        return DistInfo(0, 1, 0, dev, None, "none")
+    if strategy == "none":
+        raise RuntimeError(
+            f"launched with {world} processes (WORLD_SIZE={world}) but distributed.strategy is 'none'; "
+            "set distributed.strategy=ddp or distributed.strategy=fsdp2"
+        )
+    be = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(be, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, be, strategy)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum over ranks (in place and returned). Gloo reduces CPU tensors; nccl needs them on the device."""
+    if not info.distributed:
+        return t
+    if info.backend == "nccl":
+        moved = t.to(info.device)
+        dist.all_reduce(moved)
+        t.copy_(moved.to(t.device))
+    else:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The CheersModel under a DDP wrapper (FSDP2 modifies the module in place, so it is returned as is)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_units(model: nn.Module) -> list[nn.Module]:
+    m = model.model
+    units: list[nn.Module] = list(m.language_model.layers)
+    units += list(m.vision_representation.encoder.layers)
+    units += [m.vae_decoder_projector, m.gen_projector, m.hi_projector]
+    return units
+
+
+def wrap(model: nn.Module, info: DistInfo, reshard_after_forward: bool = True) -> nn.Module:
+    """Wrap a CheersModel for the effective strategy (no-op for a single process)."""
+    if not info.distributed:
+        return model
+    if info.strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            broadcast_buffers=False,  # the only buffers are the frozen latent statistics
+            find_unused_parameters=True,  # e.g. the ViT pooling head, or the LM head in a batch without labels
+        )
+    if info.strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        ignored = set(model.model.vae_model.parameters())
+        for unit in _fsdp_units(model):
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+        return model
+    raise ValueError(f"unknown distributed strategy '{info.strategy}'")
+
+
+def wrap_plain(module: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP for a small module (stage-0 autoencoder); single process: unchanged."""
+    if not info.distributed:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[info.device.index] if info.device.type == "cuda" else None, broadcast_buffers=False
+    )
