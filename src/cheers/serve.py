@@ -10,7 +10,8 @@ Endpoints
 Batching: every request becomes a job with a *key* (task + sampling settings). One dispatcher coroutine takes jobs
 from an asyncio queue, waits up to `max_wait_ms` after the oldest job for more jobs with the same key (up to
 `max_batch` images / conversations), and runs the group as one `generate_image` / `edit` / `chat` call in the single
-model thread. Jobs arriving while the model is busy wait in the queue and are grouped when it frees up. Queued work
+model thread. Jobs arriving while the model is busy wait in the queue and are grouped when it frees up; a job that
+arrives alone on an idle server (nothing else came within `max_wait_ms` before it) runs at once. Queued work
 is capped (`max_queue`): above it requests get 503 instead of piling up in memory. A batch that fails is re-run job
 by job so that one bad request never fails its neighbours; a failing request never stops the server.
 
@@ -245,6 +246,7 @@ class Job:
     sink: "StreamSink | None" = None
     future: Any = None
     t_submit: float = 0.0
+    gap: float = math.inf  # seconds since the previous request arrived
 
     @property
     def units(self) -> int:
@@ -320,6 +322,7 @@ class Scheduler:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._last_submit = -math.inf
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -345,6 +348,7 @@ class Scheduler:
                            headers={"Retry-After": "1"})
         job.future = self._loop.create_future()
         job.t_submit = time.monotonic()
+        job.gap, self._last_submit = job.t_submit - self._last_submit, job.t_submit
         self.pending_units += job.units
         self._queue.put_nowait(job)
         return job.future
@@ -389,7 +393,10 @@ class Scheduler:
             if not pending:
                 continue
             head = pending[0]
-            if head.batchable:
+            # a request that arrived alone on an idle server runs at once: waiting only adds latency when
+            # clients send one request at a time; under concurrent load requests arrive close together
+            alone = len(pending) == 1 and head.gap > self.max_wait
+            if head.batchable and not alone:
                 deadline = head.t_submit + self.max_wait
                 while self._compatible_units(pending, head) < self.max_batch:
                     left = deadline - time.monotonic()
@@ -925,6 +932,8 @@ def create_app(model: Any, settings: ServeSettings | None = None):
         except json.JSONDecodeError as err:
             raise _bad(f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}",
                        code="invalid_json") from None
+        except RecursionError:
+            raise _bad("malformed JSON: nested too deeply", code="invalid_json") from None
 
     async def run_job(job: Job) -> BatchResult:
         fut = scheduler.submit(job)
@@ -1228,6 +1237,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if settings.warmup:
         warm_up(model)
     name = settings.model_name or _default_model_name(model)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"cheers serve: warning: listening on {settings.host} without an API key; anyone who can reach "
+              "this address can use the model (set --api-key or CHEERS_API_KEY)", file=sys.stderr)
     print(f"cheers serve: {name} ({model.config.resolution} px) on http://{settings.host}:{settings.port}  "
           f"[batch <= {settings.max_batch}, wait {settings.max_wait_ms:g} ms, queue {settings.max_queue}"
           f"{', API key required' if settings.api_key else ''}]", file=sys.stderr, flush=True)

@@ -43,6 +43,7 @@ BAD_JSON = [
     (CHAT, b'{"messages": [', 400, None, ["malformed JSON"]),
     (GEN, b"", 400, None, ["empty request body"]),
     (GEN, b"[1, 2]", 400, None, ["JSON object"]),
+    (GEN, b"[" * 100000, 400, None, ["malformed JSON"]),
     (GEN, b"\xff\xfe{}", 400, None, ["UTF-8"]),
     (GEN, {"prompt": "x", "colour": "red"}, 400, "colour", ["unknown field 'colour'", "accepted fields"]),
     (GEN, {"steps": 2}, 400, "prompt", ["missing required field 'prompt'"]),
@@ -110,8 +111,8 @@ def test_bad_multipart_edits(main_server):
         expect(r, 400, "image", "not a usable image")
         r = c.post(EDIT, data={"prompt": "x", "steps": "2"})  # a form without the file
         expect(r, 400, "image", "missing required file")
-        r = c.post(EDIT, files={"image": ("a.png", png_bytes(), "image/png"), "mask": ("m.png", png_bytes(), "image/png")},
-                   data={"prompt": "x"})
+        files = {"image": ("a.png", png_bytes(), "image/png"), "mask": ("m.png", png_bytes(), "image/png")}
+        r = c.post(EDIT, files=files, data={"prompt": "x"})
         expect(r, 400, "mask", "masks are not supported")
         r = c.post(EDIT, files={"image": ("a.png", png_bytes(), "image/png")}, data={"prompt": "x", "steps": "many"})
         expect(r, 400, "steps", "integer")

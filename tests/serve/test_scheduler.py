@@ -166,7 +166,8 @@ class FakeModel:
 def test_model_runner_makes_one_call_per_batch_and_splits_results():
     m = FakeModel()
     r = ModelRunner(m, max_batch=16)
-    jobs = [Job("image", ("image",), ["p", "p"], [3, 4], {"steps": 2}), Job("image", ("image",), ["q"], [9], {"steps": 2})]
+    jobs = [Job("image", ("image",), ["p", "p"], [3, 4], {"steps": 2}),
+            Job("image", ("image",), ["q"], [9], {"steps": 2})]
     out = r("image", jobs)
     assert out == [(True, ["img:p:3", "img:p:4"]), (True, ["img:q:9"])]
     assert len(m.calls) == 1 and m.calls[0][2] == [3, 4, 9] and m.calls[0][3] == {"steps": 2}
@@ -175,8 +176,8 @@ def test_model_runner_makes_one_call_per_batch_and_splits_results():
     out = r("image", [Job("image", ("image",), ["x"], [0]), Job("image", ("image",), ["bad"], [1])])
     assert out[0] == (True, ["img:x:0"]) and out[1][0] is False and "too long" in str(out[1][1])
     convs = [[{"role": "user", "content": "abc"}], [{"role": "user", "content": "xy"}]]
-    assert r("chat", [Job("chat", ("c",), [convs[0]], [0], {"seed": 0}), Job("chat", ("c",), [convs[1]], [0], {"seed": 0})]) \
-        == [(True, ["cba"]), (True, ["yx"])]
+    chat_jobs = [Job("chat", ("c",), [conv], [0], {"seed": 0}) for conv in convs]
+    assert r("chat", chat_jobs) == [(True, ["cba"]), (True, ["yx"])]
 
 
 def test_stream_job_pushes_pieces():
@@ -220,3 +221,18 @@ def test_parse_size():
     assert parse_size("1.5k") == 1536
     with pytest.raises(Exception):
         parse_size("lots")
+
+
+def test_a_lone_request_on_an_idle_server_does_not_wait():
+    rec = Recorder()
+
+    async def main():
+        s = Scheduler(rec, max_batch=16, max_wait_ms=500, max_queue=10)
+        await s.start()
+        t0 = time.monotonic()
+        await s.submit(Job("chat", ("k",), ["alone"]))
+        took = time.monotonic() - t0
+        await s.close()
+        return took
+
+    assert run(main()) < 0.4  # well under the 500 ms batching window
