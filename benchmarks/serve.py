@@ -4,8 +4,9 @@ on (--max-batch 16) and off (--max-batch 1).
     .venv/bin/python benchmarks/serve.py                      # the embedded model, else a random tiny model
     .venv/bin/python benchmarks/serve.py --model DIR --requests 32 --steps 8
 
-Each setting starts a real server process on a free loopback port, warms it up, then sends `--requests` requests
-with `c` in flight at a time (closed loop) and reports requests/s and p50/p95 latency. Prints a table and, last,
+Two real server processes (batching on and off) run on free loopback ports; for each point `--requests` requests
+are sent with `c` in flight at a time (closed loop), `--repeat` times, alternating the servers. Reports requests/s
+and p50/p95 latency. Prints a table and, last,
 one JSON line with every figure.
 """
 
@@ -83,8 +84,7 @@ async def load(url: str, path: str, bodies: list[dict], concurrency: int) -> dic
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"requests": len(latencies), "rps": len(latencies) / wall, "p50_ms": 1000 * percentile(latencies, 0.5),
-            "p95_ms": 1000 * percentile(latencies, 0.95), "mean_batch": sum(sizes) / len(sizes)}
+    return {"latencies": latencies, "wall": wall, "mean_batch": sum(sizes) / len(sizes)}
 
 
 def bodies(task: str, n: int, args: argparse.Namespace) -> tuple[str, list[dict]]:
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: embedded model, else a tiny one)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
-    p.add_argument("--requests", type=int, default=32, help="requests per (task, concurrency) point")
+    p.add_argument("--requests", type=int, default=32, help="requests per (task, concurrency) point and run")
+    p.add_argument("--repeat", type=int, default=2, help="runs per point, alternating the two servers")
     p.add_argument("--steps", type=int, default=4, help="denoising steps per image")
     p.add_argument("--cfg", type=float, default=9.5, help="guidance scale")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per chat reply")
@@ -121,26 +122,43 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
 
+    # both servers run side by side (an idle one costs nothing) and the two modes alternate point by point, so
+    # that a change in the machine's load between points hits both alike
+    modes = (("batched", 16), ("max_batch=1", 1))
+    servers = {}
     results = []
-    for mode, max_batch in (("batched", 16), ("max_batch=1", 1)):
-        proc, url = start_server(model, max_batch, args)
-        try:
-            for task in tasks:
+    try:
+        for mode, max_batch in modes:
+            servers[mode] = start_server(model, max_batch, args)
+        for task in tasks:
+            for mode, _ in modes:
                 path, warm = bodies(task, 2, args)
-                asyncio.run(load(url, path, warm, 1))  # warm-up
-                for c in levels:
-                    path, bs = bodies(task, max(args.requests, c), args)
-                    r = asyncio.run(load(url, path, bs, c))
-                    r.update(mode=mode, task=task, concurrency=c)
+                asyncio.run(load(servers[mode][1], path, warm, 1))  # warm-up
+            for c in levels:
+                runs: dict[str, list[dict]] = {m: [] for m, _ in modes}
+                for rep in range(args.repeat):
+                    order = modes if rep % 2 == 0 else modes[::-1]
+                    for mode, _ in order:
+                        path, bs = bodies(task, max(args.requests, c), args)
+                        runs[mode].append(asyncio.run(load(servers[mode][1], path, bs, c)))
+                for mode, _ in modes:
+                    rs = runs[mode]
+                    lat = [x for r in rs for x in r["latencies"]]
+                    r = {"mode": mode, "task": task, "concurrency": c, "requests": len(lat),
+                         "rps": len(lat) / sum(r["wall"] for r in rs), "p50_ms": 1000 * percentile(lat, 0.5),
+                         "p95_ms": 1000 * percentile(lat, 0.95),
+                         "mean_batch": sum(r["mean_batch"] for r in rs) / len(rs)}
                     results.append(r)
                     print(f"  {mode:<12} {task:<6} c={c:<3} {r['rps']:7.2f} req/s  p50 {r['p50_ms']:8.0f} ms  "
-                          f"p95 {r['p95_ms']:8.0f} ms  mean batch {r['mean_batch']:.1f}", file=sys.stderr, flush=True)
-        finally:
+                          f"p95 {r['p95_ms']:8.0f} ms  mean batch {r['mean_batch']:.1f}", file=sys.stderr,
+                          flush=True)
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
 
     print(f"\nmodel: {model}  steps={args.steps} cfg={args.cfg} max_tokens={args.max_tokens} "
-          f"requests/point={args.requests}")
+          f"requests/point={args.requests} x {args.repeat} runs  threads={args.threads or 'default'}")
     head = f"{'task':<6} {'conc':>4} | {'batched req/s':>13} {'p50 ms':>8} {'p95 ms':>8} {'batch':>5} | " \
            f"{'max_batch=1 req/s':>17} {'p50 ms':>8} {'p95 ms':>8} | {'speed-up':>8}"
     print(head)
@@ -153,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{b['mean_batch']:>5.1f} | {u['rps']:>17.2f} {u['p50_ms']:>8.0f} {u['p95_ms']:>8.0f} | "
                   f"{b['rps'] / u['rps']:>7.2f}x")
     summary = {"benchmark": "serve", "model": str(model), "steps": args.steps, "cfg": args.cfg,
-               "max_tokens": args.max_tokens, "requests": args.requests,
+               "max_tokens": args.max_tokens, "requests": args.requests, "repeat": args.repeat, "threads": args.threads,
                "results": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}
     print(json.dumps(summary))
     if tmp:

@@ -408,7 +408,20 @@ class Scheduler:
                         break
                     self._drain(pending)
             batch, pending = self._take(pending)
-            await self._run(batch)
+            try:
+                await self._run(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a scheduler bug must not leave requests hanging forever
+                failure = ApiError(500, f"scheduler error: {type(err).__name__}: {err}")
+                for job in batch:
+                    if not job.future.done():
+                        self.pending_units -= job.units
+                        if job.sink is not None:
+                            job.sink.queue.put_nowait(("error", failure))
+                            job.future.set_result(None)
+                        else:
+                            job.future.set_exception(failure)
 
     async def _run(self, batch: list[Job]) -> None:
         assert self._loop is not None
