@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -136,3 +137,22 @@ def test_stats_report_batches(main_server):
         s = c.get("/v1/stats").json()
     assert s["settings"]["max_batch"] == 16 and s["queued"] == 0
     assert s["batches"]["image"]["count"] >= 1 and s["largest_batch"] >= 1
+
+
+def test_stream_stops_generating_when_the_client_goes_away(main_server):
+    msgs = [{"role": "user", "content": "Count the shapes."}]
+    with main_server.client() as c:
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 20})
+        ms_per_token = float(r.headers["X-Cheers-Run-Ms"]) / 20
+        with c.stream("POST", "/v1/chat/completions",
+                      json={"messages": msgs, "max_tokens": 1000, "stream": True}) as resp:
+            for n, line in enumerate(ln for ln in resp.iter_lines() if ln):
+                if n == 2:
+                    break  # hang up after a few chunks
+        deadline = time.monotonic() + 60
+        while c.get("/v1/stats").json()["queued"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        streams = [b for b in c.get("/v1/stats").json()["recent"] if b["task"] == "chat_stream"]
+    # stopped long before the 1000 tokens it was allowed
+    assert streams[-1]["ms"] < 300 * ms_per_token, (streams[-1], ms_per_token)
