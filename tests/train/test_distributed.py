@@ -51,7 +51,9 @@ def setup_dir(tmp_path_factory):
 def _cmd(root: Path, out: Path, nproc: int, *overrides: str) -> list[str]:
     args = [str(root / "cfg.yaml"), f"output_dir={out}", *overrides]
     if nproc == 1:
-        return [sys.executable, "-m", "cheers.train.cli", *args, "threads=2"]
+        # one thread, like each torchrun worker: on a shared 2-core machine two spinning OpenMP threads per
+        # process are much slower than one
+        return [sys.executable, "-m", "cheers.train.cli", *args, "threads=1"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             "-m", "cheers.train.cli", *args]
 

@@ -42,6 +42,7 @@ class ModelSection:
     tokenizer: str | None = None  # tokenizer directory; default: `init` (if it holds one), else data.tokenizer
     init_std: float | None = 0.02  # from scratch: N(0, std) for Linear/Embedding weights (zero-inits kept); null = torch defaults
     activation_checkpointing: bool = False  # recompute LLM/ViT/heads/decoder blocks in backward
+    channels_last: str = "auto"  # auto (on CPU) | true | false : channels-last conv stacks (faster oneDNN convs)
     bf16_autocast: bool = True  # only ever applied on CUDA; CPU always computes in float32
 
 
@@ -190,6 +191,7 @@ class TrainConfig:
         one_of("nan_policy", self.nan_policy, ("error", "skip"))
         one_of("device", self.device, ("auto", "cpu", "cuda"))
         one_of("schedule.kind", self.schedule.kind, ("constant", "cosine"))
+        one_of("model.channels_last", self.model.channels_last, ("auto", "true", "false"))
         one_of("data.on_bad_sample", self.data.on_bad_sample, ("skip", "error"))
         one_of("data.bad_image", self.data.bad_image, ("error", "black"))
         one_of("data.pairing", self.data.pairing, ("mix", "alternate"))
@@ -294,6 +296,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise TrainConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if base is str:
+        if isinstance(value, bool):  # YAML reads true/false as booleans; keep them as the words
+            return "true" if value else "false"
         if isinstance(value, (dict, list)):
             raise TrainConfigError(f"{path}: expected a string, got {value!r}")
         return str(value)
