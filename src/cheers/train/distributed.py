@@ -127,8 +127,8 @@ def wrap(model: nn.Module, info: DistInfo, reshard_after_forward: bool = True) -
         return nn.parallel.DistributedDataParallel(
             model,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            broadcast_buffers=False,  # the only buffers are the frozen latent statistics
             find_unused_parameters=True,  # e.g. the ViT pooling head, or the LM head in a batch without labels
+            **_no_buffer_sync(),  # the only buffers are the frozen latent statistics, identical on every rank
         )
     if info.strategy == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -143,10 +143,18 @@ def wrap(model: nn.Module, info: DistInfo, reshard_after_forward: bool = True) -
     raise ValueError(f"unknown distributed strategy '{info.strategy}'")
 
 
+def _no_buffer_sync() -> dict:
+    """DDP keyword that stops the per-forward buffer broadcast (renamed in recent torch versions)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def wrap_plain(module: nn.Module, info: DistInfo) -> nn.Module:
     """DDP for a small module (stage-0 autoencoder); single process: unchanged."""
     if not info.distributed:
         return module
     return nn.parallel.DistributedDataParallel(
-        module, device_ids=[info.device.index] if info.device.type == "cuda" else None, broadcast_buffers=False
+        module, device_ids=[info.device.index] if info.device.type == "cuda" else None, **_no_buffer_sync()
     )

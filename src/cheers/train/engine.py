@@ -571,6 +571,8 @@ class FlowTrainer(RunBase):
             directory = None if where == "memory" else (where or str(self.out / "latent_cache"))
             self.cache = LatentCache(vae.encode, vae_fingerprint(vae), directory, cfg.latents.max_memory_items)
         self._filler = None
+        self._bad_before = 0
+        self.bad_samples_all = 0  # over all ranks, this run
         self.log.event(
             "start", stage=cfg.stage, kind=self.kind, model=origin, world_size=self.info.world_size,
             strategy=self.info.strategy, device=str(self.info.device), global_batch=cfg.global_batch_size(self.info.world_size),
@@ -595,6 +597,7 @@ class FlowTrainer(RunBase):
         super().restore_trainer_state(state)
         self.feed.load_state_dict(state["feed"])
         self.schedule.load_state_dict(state["schedule"])
+        self._bad_before = self.counters["bad_samples"]
 
     # -- data
     def _build_slot(self, index: int, record) -> tuple[Any, list[str]] | None:
@@ -669,8 +672,12 @@ class FlowTrainer(RunBase):
             self.schedule.apply()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        counts = torch.tensor([sum(m.n_samples for m in micro), sum(m.n_tokens for m in micro)], dtype=torch.float64)
+        bad = self.counters["bad_samples"] - self._bad_before
+        self._bad_before = self.counters["bad_samples"]
+        counts = torch.tensor([sum(m.n_samples for m in micro), sum(m.n_tokens for m in micro), bad],
+                              dtype=torch.float64)
         all_reduce_sum(counts, self.info)
+        self.bad_samples_all += int(counts[2])
         return StepResult(loss, float(ce), float(flow), grad_norm, finite, int(counts[0]), int(counts[1]),
                           _per_task_metrics(task) if task is not None else None)
 
@@ -705,7 +712,7 @@ class FlowTrainer(RunBase):
                     "step": self.step, "loss": res.loss, "ce_loss": res.ce_loss, "flow_loss": res.flow_loss,
                     "grad_norm": res.grad_norm, "lr": self.schedule.lr(self.step - 1), "samples_per_s": res.samples / dt,
                     "tokens_per_s": res.tokens / dt, "step_time_s": dt, "samples": res.samples,
-                    "skipped_steps": self.counters["nan_skipped_steps"], "bad_samples": self.counters["bad_samples"],
+                    "skipped_steps": self.counters["nan_skipped_steps"], "bad_samples": self.bad_samples_all,
                 }
                 if res.per_task:
                     last.update(res.per_task)
