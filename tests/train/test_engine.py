@@ -462,3 +462,35 @@ def test_stage0_vae_trains_and_hands_over(work, tmp_path):
     var = raw.var(dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(m.vae_model.bn.running_var, var, rtol=1e-3, atol=1e-6)
     assert (out / "ckpt" / "step_3").is_dir() and (out / "ckpt" / "step_2").is_dir()
+
+
+def test_stages_chain_through_export_and_training_checkpoints(work, tmp_path):
+    """stage0 export -> stage1_align (packaged config) -> a later stage initialised from stage 1's training
+    checkpoint (weights only, fresh optimizer and data position)."""
+    root, files = work
+    s0 = tmp_path / "s0"
+    common = ["threads=1", "log.progress=false", "schedule.warmup=0", "micro_batch_size=2", "steps=1",
+              f"data.sources=[{{path: {files['understanding']}, weight: 3}}, {{path: {files['generation']}, weight: 6}},"
+              f" {{path: {files['text']}, weight: 1}}]"]
+    E.train(load_config("stage0_vae", [f"output_dir={s0}", "model.preset=cheers-tiny", f"model.tokenizer={root / 'tok'}",
+                                       "vae.stats_images=2"] + common))
+    s1 = tmp_path / "s1"
+    E.train(load_config("stage1_align", [f"output_dir={s1}", f"model.init={s0 / 'export'}", "ckpt.export_final=false",
+                                         "latents.dir=memory"] + common))
+    from cheers.checkpoint import load_model
+
+    start = load_model(s0 / "export")
+    tr = E.FlowTrainer(load_config("stage2_pretrain", [f"output_dir={tmp_path / 's2'}", f"model.init={s1}",
+                                                       "latents.dir=memory"] + common))
+    try:
+        assert tr.step == 0 and tr.feed.index == 0
+        got = tr.base.state_dict()
+        changed = [k for k, v in start.state_dict().items() if not torch.equal(v, got[k])]
+        # stage 1 trained exactly its modules; the frozen ones arrive unchanged through the checkpoint
+        assert changed and all(k.split(".")[1] in ("und_projector", "gen_projector", "hi_projector", "hi_gate",
+                                                   "time_embed", "language_model") or k == "lm_head.weight"
+                               for k in changed), changed
+        assert not any(k.startswith("model.language_model.layers.") for k in changed)
+        assert any(n.startswith("model.language_model.layers.") for n in tr.trainable)  # stage 2 trains the LLM
+    finally:
+        tr.close()
