@@ -27,6 +27,8 @@ import random
 import re
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,6 +52,14 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 
 class TrainCheckpointError(RuntimeError):
     """A training checkpoint is missing, incomplete or does not fit the run."""
+
+
+@contextmanager
+def _single_process_ok():
+    """DCP warns that it 'assumes' a single process even when told so (no_dist=True); that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
+        yield
 
 
 # ---- RNG state <-> JSON -----------------------------------------------------------------------------------------
@@ -195,7 +205,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier(info)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not info.distributed)
+    with _single_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not info.distributed)
     _write_json(tmp / f"trainer_state_rank{info.rank}.json", trainer_state)
     if info.is_main and write_files is not None:
         write_files(tmp)
@@ -254,7 +265,8 @@ def load_checkpoint(
         if not any(k.startswith(f"optim.state.{fqn}.") for k in saved):
             del optim_sd["state"][fqn]
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not info.distributed)
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not info.distributed)
     # dcp.load above already required every model tensor to be present; strict=False only lets the optimizer
     # load without state for the parameters dropped above.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -269,7 +281,8 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
 
     sd = get_model_state_dict(model)
     state = {"model": sd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not (dist.is_available() and dist.is_initialized()))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not (dist.is_available() and dist.is_initialized()))
     set_model_state_dict(model, state["model"])
 
 

@@ -330,6 +330,8 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> float:
 def load_tokenizer(cfg: TrainConfig, required: bool = True):
     from cheers.tokenizer import CheersTokenizer
 
+    if cfg.model.init and not Path(cfg.model.init).exists():
+        raise TrainConfigError(f"model.init {cfg.model.init}: no such directory (an earlier stage's export or run)")
     candidates = [cfg.model.tokenizer, cfg.data.tokenizer]
     if cfg.model.init:
         init = Path(cfg.model.init)
@@ -741,10 +743,12 @@ def make_trainer(cfg: TrainConfig, resume: bool = False) -> RunBase:
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run a stage to completion (or to `debug.max_steps_this_run`). Returns the last logged metrics."""
     trainer = None
+    threads = torch.get_num_threads()
     try:
         trainer = make_trainer(cfg, resume)
         return trainer.fit()
     finally:
         if trainer is not None:
             trainer.close()
+        torch.set_num_threads(threads)
         teardown()

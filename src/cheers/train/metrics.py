@@ -28,6 +28,7 @@ class MetricLogger:
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = False, progress: bool = True,
                  total: int | None = None):
         self.enabled = enabled
+        self._want_bar = False
         self.path = Path(out_dir) / "log.jsonl"
         self._fh = None
         self._bar = None
@@ -36,14 +37,8 @@ class MetricLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")
-        if progress:
-            try:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
-                                 mininterval=1.0)
-            except ImportError:  # pragma: no cover - tqdm is a dependency
-                self._bar = None
+        self._want_bar = progress
+        self._total = total
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -90,6 +85,15 @@ class MetricLogger:
                     self._tb.add_scalar(k, v, metrics["step"])
 
     def progress_to(self, step: int, loss: float | None = None) -> None:
+        if self._bar is None and self.enabled and self._want_bar:
+            self._want_bar = False  # created once, when training starts (not for runs that fail to set up)
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=self._total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                                 file=sys.stderr, mininterval=1.0)
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                self._bar = None
         if self._bar is None:
             return
         self._bar.n = step

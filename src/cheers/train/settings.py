@@ -42,15 +42,15 @@ class ModelSection:
     tokenizer: str | None = None  # tokenizer directory; default: `init` (if it holds one), else data.tokenizer
     init_std: float | None = 0.02  # from scratch: N(0, std) for Linear/Embedding weights (zero-inits kept); null = torch defaults
     activation_checkpointing: bool = False  # recompute LLM/ViT/heads/decoder blocks in backward
-    channels_last: str = "auto"  # auto (on CPU) | true | false : channels-last conv stacks (faster oneDNN convs)
+    channels_last: str = "auto"  # auto (CPU, not FSDP2) | true | false : channels-last latent-to-pixel decoder
     bf16_autocast: bool = True  # only ever applied on CUDA; CPU always computes in float32
 
 
 @dataclass
 class TrainableSection:
     """Parameter-name patterns (fnmatch by default, or `re:<regex>`), matched against `named_parameters()` names
-    such as `model.gen_projector.blocks.0.attn.q_proj.weight`. A parameter trains when it matches one of
-    `include` and none of `exclude`."""
+    such as `model.gen_projector.diffusion_head_a.0.attn.q_proj.weight` (a tied weight matches under either of its
+    names, e.g. `lm_head.weight`). A parameter trains when it matches one of `include` and none of `exclude`."""
 
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: ["model.vae_model.*"])
@@ -82,17 +82,16 @@ class SourceSection:
     name: str | None = None
     weight: float = 1.0  # mixing ratio (relative to the other sources)
     image_root: str | None = None  # base directory of relative image paths (default: the jsonl's directory)
-    task: str | None = None  # understanding | generation | edit | text; None = inferred per sample
 
 
 @dataclass
 class DataSection:
     sources: list[SourceSection] = field(default_factory=list)
-    max_length: int = 2048  # ids per sample before image expansion (longer samples are truncated or rejected)
+    max_length: int = 2048  # positions after image expansion; longer samples are bad samples (never truncated)
     cfg_dropout: float = 0.2  # probability of the unconditional prompt for samples with an image to generate
     on_bad_sample: str = "skip"  # skip | error : malformed record, unreadable image, sample too long
     bad_image: str = "error"  # error | black : a missing or unreadable image file (black = what the reference does)
-    pairing: str = "mix"  # mix (weighted sampling) | alternate (1:1 understanding/generation micro-batches)
+    pairing: str = "mix"  # mix (weighted per-sample draws) | alternate (equal contiguous share per source per batch)
     tokenizer: str | None = None  # tokenizer directory (see model.tokenizer)
     resolution: int | None = None  # image side; default: the model's
 
@@ -220,8 +219,6 @@ class TrainConfig:
                 problems.append(f"data.sources.{i}.path: empty")
             if s.weight < 0:
                 problems.append(f"data.sources.{i}.weight: must be >= 0 (got {s.weight})")
-            if s.task is not None:
-                one_of(f"data.sources.{i}.task", s.task, ("understanding", "generation", "edit", "text"))
         if problems:
             raise TrainConfigError(f"invalid training config '{self.stage}': " + "; ".join(problems))
         return self
