@@ -213,8 +213,9 @@ def _pixels_of(tr, mb):
 
 
 def test_one_step_decreases_the_loss_on_a_fixed_batch(work, tmp_path):
-    tr = E.FlowTrainer(flow_config(work, tmp_path / "run", optim={"lr": 1e-3}))
+    tr = E.FlowTrainer(flow_config(work, tmp_path / "run", optim={"lr": 1e-3}, **{"model.channels_last": "true"}))
     try:
+        assert tr.base.model.vae_decoder_projector.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         (mb,) = tr.next_micro_batches()
         with torch.no_grad():
             before = float(tr.base(**mb.inputs, x0=mb.x0).loss)
