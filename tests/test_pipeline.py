@@ -21,6 +21,12 @@ def cheers(parity_model):
     return Cheers(parity_model, CheersTokenizer.from_dir(SHARED / "reference" / "tokenizer"))
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """A 64 px random model: the option/batching tests need real sampling, not the 128 px parity decoder."""
+    return Cheers.from_pretrained(tiny_model_dir)
+
+
 def as_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy().astype(int)
 
@@ -57,7 +63,8 @@ def test_answer_and_chat_greedy_match_reference(cheers):
     assert len(pieces) > 1 and "".join(pieces) == reply
 
 
-def test_batched_equals_single(cheers):
+def test_batched_equals_single(tiny):
+    cheers = tiny
     prompts = ["a red circle", "two blue squares on a long green field", "x"]
     batch = cheers.generate_image(prompts, seed=3, steps=3, cfg_scale=2.0, batch_size=3)
     for i, p in enumerate(prompts):
@@ -69,7 +76,8 @@ def test_batched_equals_single(cheers):
     assert both == [cheers.answer([image], [q], max_new_tokens=6)[0] for q in questions]
 
 
-def test_samplers_and_guidance_options(cheers):
+def test_samplers_and_guidance_options(tiny):
+    cheers = tiny
     kw = dict(seed=1, steps=3, cfg_scale=3.0)
     euler = np.asarray(cheers.generate_image(["a cat"], **kw)[0]).astype(int)
     heun = np.asarray(cheers.generate_image(["a cat"], sampler="heun", **kw)[0]).astype(int)
@@ -80,18 +88,21 @@ def test_samplers_and_guidance_options(cheers):
     other = np.asarray(cheers.generate_image(["a cat"], seed=2, steps=3, cfg_scale=3.0)[0]).astype(int)
     assert np.abs(euler - other).max() > 0
     noguide = cheers.generate_image(["a cat"], seed=1, steps=2, cfg_scale=1.0)[0]
-    assert noguide.size == (128, 128)
+    assert noguide.size == (64, 64)
     with pytest.raises(ValueError, match="unknown sampler 'rk9'"):
         cheers.generate_image(["a cat"], sampler="rk9", steps=2)
 
 
-def test_text_sampling_options(cheers):
+def test_text_sampling_options(tiny):
+    cheers = tiny
     msgs = [{"role": "user", "content": "Tell me a story."}]
     greedy = cheers.chat(msgs, max_new_tokens=10)
     s1 = cheers.chat(msgs, max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
     s2 = cheers.chat(msgs, max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
     assert s1 == s2, "seeded sampling is reproducible"
-    assert cheers.chat(msgs, max_new_tokens=10, temperature=1.0, seed=8) != s1
+    hot = [cheers.chat(msgs, max_new_tokens=10, temperature=100.0, seed=k) for k in (8, 9)]
+    assert hot[0] != hot[1], "different seeds sample differently (a flat distribution at T=100)"
+    assert cheers.chat(msgs, max_new_tokens=10, temperature=100.0, top_k=1, seed=8) == greedy  # top-k 1 = greedy
     rep = cheers.chat(msgs, max_new_tokens=10, repetition_penalty=5.0)
     assert rep != greedy  # the greedy output of this random model repeats tokens; the penalty breaks that
     first_piece = greedy[: max(1, len(greedy) // 2)][-2:]

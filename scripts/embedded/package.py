@@ -1,0 +1,43 @@
+"""Copy a trained export into the package as the embedded default: fp16 safetensors (loaded back into fp32),
+tokenizer, recommended sampling settings (generation_config.json) and the model card (README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from cheers.checkpoint import load_model, save_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--export", required=True)
+    ap.add_argument("--dest", required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--shift", type=float, default=1.0)
+    ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--card", default="scripts/embedded/MODEL_CARD.md")
+    a = ap.parse_args()
+    src, dest = Path(a.export), Path(a.dest)
+    model = load_model(src)
+    dest.mkdir(parents=True, exist_ok=True)
+    # the output head is tied: store it once to stay small
+    save_model(model, dest, dtype=torch.float16, include_tied_head=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, dest / name)
+    gen = {"cheers": {"image": {"steps": a.steps, "cfg_scale": a.cfg, "shift": a.shift, "sampler": a.sampler},
+                      "text": {"max_new_tokens": 64, "temperature": 0.0}}}
+    (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if Path(a.card).exists():
+        shutil.copy(a.card, dest / "README.md")
+    size = sum(p.stat().st_size for p in dest.iterdir())
+    print(json.dumps({"dest": str(dest), "bytes": size}))
+
+
+if __name__ == "__main__":
+    main()
