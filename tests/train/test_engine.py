@@ -65,6 +65,12 @@ def test_packaged_stage_configs_load(name):
         assert cfg.kind == "vae"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "scripts").glob("**/*.yaml")), ids=lambda p: p.name)
+def test_repository_recipe_configs_load(path):
+    """Recipe configs elsewhere in the repository (extending the packaged stages) stay valid."""
+    assert load_config(path).stage
+
+
 def test_stage1_mix_and_stage4_pairing():
     s1 = load_config("stage1_align")
     assert [s.weight for s in s1.data.sources] == [3, 6, 1]

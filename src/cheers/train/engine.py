@@ -575,6 +575,7 @@ class FlowTrainer(RunBase):
             strategy=self.info.strategy, device=str(self.info.device), global_batch=cfg.global_batch_size(self.info.world_size),
             trainable_params=sum(p.numel() for p in self.base.parameters() if p.requires_grad),
             total_params=sum(p.numel() for p in self.base.parameters()), resume=str(self.resume_from or ""),
+            sources={n: {"weight": s.weight, "task": s.task} for n, s in zip(self.feed.names, cfg.data.sources)},
         )
         if self.info.is_main:
             dump_config(cfg, self.out / "config.yaml")

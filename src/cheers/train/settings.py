@@ -84,6 +84,9 @@ class SourceSection:
     name: str | None = None
     weight: float = 1.0  # mixing ratio (relative to the other sources)
     image_root: str | None = None  # base directory of relative image paths (default: the jsonl's directory)
+    # understanding | generation | edit | text: informational (logged at start). Metrics and losses use the task
+    # inferred from each sample's image placeholders, so a mixed file needs no label.
+    task: str | None = None
 
 
 @dataclass
@@ -221,6 +224,8 @@ class TrainConfig:
                 problems.append(f"data.sources.{i}.path: empty")
             if s.weight < 0:
                 problems.append(f"data.sources.{i}.weight: must be >= 0 (got {s.weight})")
+            if s.task is not None:
+                one_of(f"data.sources.{i}.task", s.task, ("understanding", "generation", "edit", "text"))
         if problems:
             raise TrainConfigError(f"invalid training config '{self.stage}': " + "; ".join(problems))
         return self
