@@ -1,6 +1,4 @@
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +16,8 @@ from cheers.processor import (
     tensor_to_pil,
 )
 
-SHARED = Path(os.environ.get("CHEERS_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
-GOLDENS = SHARED / "parity" / "goldens"
+
+from tests.conftest import GOLDENS  # noqa: E402
 needs_shared = pytest.mark.skipif(
     not (GOLDENS / "e_train_loss.safetensors").is_file(),
     reason=f"parity goldens not found at {GOLDENS} (set CHEERS_SHARED)",

@@ -1,6 +1,4 @@
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +12,7 @@ from cheers.tokenizer import (
     train_small_tokenizer,
 )
 
-SHARED = Path(os.environ.get("CHEERS_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+from tests.conftest import SHARED  # noqa: E402  (one definition of where ../shared is)
 needs_shared = pytest.mark.skipif(
     not (SHARED / "reference" / "tokenizer" / "vocab.json").is_file(),
     reason=f"shared reference data not found at {SHARED} (set CHEERS_SHARED)",

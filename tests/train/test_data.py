@@ -1,8 +1,6 @@
 import itertools
 import json
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +24,8 @@ from cheers.train.data import (
     encode_conversation,
 )
 
-SHARED = Path(os.environ.get("CHEERS_SHARED", Path(__file__).resolve().parents[2] / ".." / "shared")).resolve()
-GOLDENS = SHARED / "parity" / "goldens"
+from tests.conftest import SHARED  # noqa: E402  (one definition of where ../shared is)
+from tests.conftest import GOLDENS  # noqa: E402
 needs_shared = pytest.mark.skipif(
     not (GOLDENS / "e_train_loss.safetensors").is_file() or not (SHARED / "reference" / "tokenizer").is_dir(),
     reason=f"shared parity data not found at {SHARED} (set CHEERS_SHARED)",

@@ -165,6 +165,15 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _write_report(out: Path, report: dict[str, Any], details: list[dict[str, Any]]) -> None:
+    """report.json (with the list of files written) and one details.jsonl line per item."""
+    report["files"] = sorted(p.name for p in out.glob("*_grid.png")) + ["details.jsonl", "report.json"]
+    _write_json(out / "report.json", report)
+    with open(out / "details.jsonl", "w", encoding="utf-8") as f:
+        for d in details:
+            f.write(json.dumps(d, sort_keys=True) + "\n")
+
+
 def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.PathLike = "eval-shapes",
                     batch_size: int = 8, resolution: int | None = None, gen_kw: dict | None = None,
                     answer_kw: dict | None = None, edit_kw: dict | None = None,
@@ -282,11 +291,7 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
             grid.save(out / "editing_grid.png")
         timing["editing"] = time.time() - t0
 
-    report["files"] = sorted(p.name for p in out.glob("*_grid.png")) + ["details.jsonl", "report.json"]
-    _write_json(out / "report.json", report)
-    with open(out / "details.jsonl", "w", encoding="utf-8") as f:
-        for d in details:
-            f.write(json.dumps(d, sort_keys=True) + "\n")
+    _write_report(out, report, details)
     if verbose:
         print(format_shapes_table(report))
         print(f"({time.time() - t_start:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items())
@@ -372,11 +377,7 @@ def evaluate_digits(model: Any, n: int = 50, seed: int = 0, out_dir: str | os.Pa
         report["understanding"] = {"accuracy": _mean(oks), "n": len(oks)}
         make_grid([q.image for q in qas[:40]], [f"{q.label}: {a!r}" for q, a in zip(qas, answers)][:40], cols=10,
                   caption_lines=1).save(out / "understanding_grid.png")
-    report["files"] = sorted(p.name for p in out.glob("*_grid.png")) + ["details.jsonl", "report.json"]
-    _write_json(out / "report.json", report)
-    with open(out / "details.jsonl", "w", encoding="utf-8") as f:
-        for d in details:
-            f.write(json.dumps(d, sort_keys=True) + "\n")
+    _write_report(out, report, details)
     if verbose:
         print(format_digits_table(report))
         print(f"({time.time() - t_start:.1f} s; written to {out})")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cheers.model.layers import GQAttention, RMSNorm, SwiGLU, rope_cos_sin
