@@ -69,6 +69,12 @@ def setup(strategy: str, backend: str = "auto", device: str = "auto", timeout_s:
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Every rank reaches this point before any destroys its group: a rank tearing gloo down while its peer
+        # still talks to it aborts the peer ("terminate called without an active exception").
+        try:
+            dist.barrier()
+        except RuntimeError:  # the peer is already gone; nothing left to synchronise with
+            pass
         dist.destroy_process_group()
 
 
