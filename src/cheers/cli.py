@@ -220,32 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OPTIONAL_COMMANDS = (
+    ("cheers.demo", "add_demo_subcommand"),
+    ("cheers.train.cli", "add_train_subcommand"),
+    ("cheers.eval.cli", "add_eval_subcommands"),
+    ("cheers.serve", "add_serve_subcommand"),
+)
+
+
 def _optional_subcommands(sub) -> None:
     """Commands whose modules are optional at import time (heavy or separately owned)."""
-    try:
-        from cheers.demo import add_demo_subcommand
-    except ImportError:
-        pass
-    else:
-        add_demo_subcommand(sub)
-    try:
-        from cheers.train.cli import add_train_subcommand
-    except ImportError:
-        pass
-    else:
-        add_train_subcommand(sub)
-    try:
-        from cheers.eval.cli import add_eval_subcommands
-    except ImportError:
-        pass
-    else:
-        add_eval_subcommands(sub)
-    try:
-        from cheers.serve import add_serve_subcommand
-    except ImportError:
-        pass
-    else:
-        add_serve_subcommand(sub)
+    import importlib
+
+    for module, register in OPTIONAL_COMMANDS:
+        try:
+            add = getattr(importlib.import_module(module), register)
+        except ImportError:
+            continue
+        add(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
