@@ -83,6 +83,24 @@ def test_hf_config_round_trip():
         assert again == cfg, name
 
 
+def test_vae_norm_groups_written_only_when_not_the_released_value():
+    released = preset("cheers-1.5b").to_hf_config()
+    assert "norm_groups" not in released["vae_encoder_config"]  # the official layout is unchanged
+    small = preset("cheers-small")
+    assert small.vae_encoder.norm_groups == small.vae_decoder.norm_groups == 8
+    hf = small.to_hf_config()
+    assert hf["vae_decoder_config"]["norm_groups"] == 8
+    model = CheersModel(small)
+    norms = [m for m in model.model.vae_model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 8 for m in norms)
+    # a config without the field (e.g. the official one) means 32 groups
+    del hf["vae_encoder_config"]["norm_groups"]
+    assert CheersConfig.from_hf_config(hf).vae_encoder.norm_groups == 32
+    hf["vae_encoder_config"]["norm_groups"] = 7  # 32 channels do not split into 7 groups
+    with pytest.raises(ConfigError, match="norm_groups=7"):
+        CheersConfig.from_hf_config(hf)
+
+
 @pytest.mark.parametrize("shard_bytes", [2**40, 400_000])
 def test_save_load_round_trip_bit_exact(tmp_path, shard_bytes):
     model = tiny_model()

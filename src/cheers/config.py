@@ -73,6 +73,10 @@ class VAEConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     z_channels: int = 32
+    # GroupNorm groups. The released VAE's 32 groups are 4 channels each at its 128-wide full-resolution level;
+    # at 32 channels they would be 1 channel each (instance norm), which washes out colour, so small presets
+    # keep 4 channels per group instead. Written to config.json only when it differs from 32.
+    norm_groups: int = 32
 
     @property
     def downsample_factor(self) -> int:
@@ -172,8 +176,9 @@ class CheersConfig:
             )
         for name, vc in (("encoder", e), ("decoder", d)):
             for m in vc.ch_mult:
-                if (vc.ch * m) % 32:
-                    problems.append(f"VAE {name} width ch*mult={vc.ch * m} not divisible by 32 (GroupNorm)")
+                if vc.norm_groups < 1 or (vc.ch * m) % vc.norm_groups:
+                    problems.append(f"VAE {name} width ch*mult={vc.ch * m} not divisible by norm_groups="
+                                    f"{vc.norm_groups} (GroupNorm)")
         if t.vocab_size <= max(dataclasses.astuple(self.tokens)):
             problems.append(f"text vocab_size {t.vocab_size} too small for special id {max(dataclasses.astuple(self.tokens))}")
         if problems:
@@ -190,6 +195,8 @@ class CheersConfig:
             if decoder:
                 out["out_ch"] = c.out_ch
             out.update(ch=c.ch, ch_mult=list(c.ch_mult), num_res_blocks=c.num_res_blocks, z_channels=c.z_channels)
+            if c.norm_groups != 32:
+                out["norm_groups"] = c.norm_groups
             return out
 
         return {
@@ -290,7 +297,8 @@ class CheersConfig:
             raise ConfigError(
                 f"{source}: vision num_patches {vsub['num_patches']} != (image_size/patch_size)^2 = {v.num_patches}"
             )
-        vae_map = {k: k for k in ("resolution", "in_channels", "out_ch", "ch", "num_res_blocks", "z_channels")}
+        vae_map = {k: k for k in ("resolution", "in_channels", "out_ch", "ch", "num_res_blocks", "z_channels",
+                                  "norm_groups")}
         enc = pick(hf.get("vae_encoder_config", {}), vae_map, VAEConfig, "vae_encoder_config")
         dec = pick(hf.get("vae_decoder_config", {}), vae_map, VAEConfig, "vae_decoder_config")
         for vc, key in ((enc, "vae_encoder_config"), (dec, "vae_decoder_config")):
@@ -376,8 +384,8 @@ def _small(vocab_size: int = 2048) -> CheersConfig:
                         vocab_size=vocab_size, max_position_embeddings=2048),
         vision=VisionConfig(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, image_size=64),
         # Narrow full-resolution levels: on 2 CPU cores the convolutions dominate every training step.
-        vae_encoder=VAEConfig(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8),
-        vae_decoder=VAEConfig(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8),
+        vae_encoder=VAEConfig(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, norm_groups=8),
+        vae_decoder=VAEConfig(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=8, norm_groups=8),
         head=HeadConfig(stage1_layers=2, stage2_layers=2),
         tokens=_tiny_tokens(),
         name="cheers-small",

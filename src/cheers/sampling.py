@@ -176,6 +176,13 @@ class TextSampling:
     repetition_penalty: float = 1.0
     stop_ids: tuple[int, ...] = ()
     seed: int | None = None
+    # Prompt-lookup speculation for batch-1 greedy decoding: up to this many tokens are drafted by matching the
+    # last n-gram against the prompt and the text so far, and verified in one forward; the output is the greedy
+    # output (equal up to float rounding of a wider matmul). 0 disables it; None (auto) uses 4 for models of
+    # hidden size >= 1024, where a few extra rows per weight read are nearly free. Measured on 2 CPU cores: 5 rows
+    # cost 2x one row through a 1536x8960 layer, but 3x through the 64-wide 151,936-token head of the parity
+    # model (where drafts slowed decoding from 275 to 180 tok/s).
+    speculate: int | None = None
 
 
 def _filter_logits(logits: torch.Tensor, s: TextSampling, seen: torch.Tensor | None) -> torch.Tensor:
@@ -208,6 +215,10 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
     B = prefix.last_hidden.shape[0]
     V = model.config.text.vocab_size
     device = prefix.last_hidden.device
+    speculate = s.speculate if s.speculate is not None else (4 if model.config.text.hidden_size >= 1024 else 0)
+    if speculate > 0 and B == 1 and s.temperature <= 1e-6 and s.repetition_penalty == 1.0 and logits_hook is None:
+        yield from _greedy_with_lookup(model, prefix, s, prompt_ids, speculate)
+        return
     gen = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
     seen = None
     if s.repetition_penalty != 1.0:
@@ -237,6 +248,55 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
             return
         emb = model.model.language_model.embed_tokens(nxt)[:, None]
         hidden = extend(model, prefix, emb)[:, -1]
+
+
+def lookup_draft(history: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram (n <= max_ngram)
+    of `history`; [] when the suffix never occurred before."""
+    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+        tail = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start:start + n] == tail:
+                return history[start + n:start + n + k]
+    return []
+
+
+def _greedy_with_lookup(model: CheersModel, prefix: Prefix, s: TextSampling,
+                        prompt_ids: torch.Tensor | None, speculate: int) -> Iterator[torch.Tensor]:
+    """Batch-1 greedy decoding with prompt-lookup drafts: every forward feeds the pending token plus a draft, and
+    one output-head pass over those positions (the head's weights read once) yields every accepted token plus the
+    next one. At batch 1 decoding is bound by reading the weights (mostly the vocabulary projection), so accepted
+    drafts come almost free; a rejected draft costs a slightly wider forward."""
+    stop = set(s.stop_ids)
+    history = [] if prompt_ids is None else [int(i) for i in prompt_ids.reshape(-1).tolist() if i >= 0]
+    embed = model.model.language_model.embed_tokens
+    pending = int(model.lm_head(prefix.last_hidden).argmax(-1))
+    emitted = 0
+    while True:
+        yield torch.tensor([pending], device=prefix.last_hidden.device)
+        emitted += 1
+        history.append(pending)
+        if pending in stop or emitted >= s.max_new_tokens:
+            return
+        budget = s.max_new_tokens - emitted  # tokens still allowed after `pending`'s successor
+        draft = lookup_draft(history, min(speculate, budget - 1)) if budget > 1 else []
+        ids = torch.tensor([[pending] + draft], device=prefix.last_hidden.device)
+        hidden = extend(model, prefix, embed(ids), commit=False)[0]
+        preds = model.lm_head(hidden).argmax(-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == preds[accepted]:
+            accepted += 1
+        n = accepted + 1  # positions whose keys/values are now right: `pending` and the accepted draft
+        prefix.cache.length += n
+        prefix.valid = torch.cat([prefix.valid, prefix.valid.new_ones(1, n)], dim=1)
+        prefix.last_hidden = hidden[accepted:accepted + 1]
+        for tok in draft[:accepted]:
+            yield torch.tensor([tok], device=prefix.last_hidden.device)
+            emitted += 1
+            history.append(tok)
+            if tok in stop or emitted >= s.max_new_tokens:
+                return
+        pending = preds[accepted]
 
 
 def cfg_rows(rows: list[list[int]], keep: set[int], no_mean: int) -> list[list[int]]:

@@ -10,8 +10,8 @@ from torch import nn
 from cheers.config import VAEConfig
 
 
-def group_norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, c, eps=1e-6, affine=True)
+def group_norm(c: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, c, eps=1e-6, affine=True)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -20,11 +20,11 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm1 = group_norm(cin)
+        self.norm1 = group_norm(cin, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = group_norm(cout)
+        self.norm2 = group_norm(cout, groups)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
@@ -37,9 +37,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all spatial positions."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm = group_norm(c)
+        self.norm = group_norm(c, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,11 +69,11 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, groups: int = 32) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(c, c)
-        self.attn_1 = AttnBlock(c)
-        self.block_2 = ResnetBlock(c, c)
+        self.block_1 = ResnetBlock(c, c, groups)
+        self.attn_1 = AttnBlock(c, groups)
+        self.block_2 = ResnetBlock(c, c, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -82,9 +82,9 @@ class MidBlock(nn.Module):
 class Level(nn.Module):
     """One resolution level: res-blocks, then an optional down/up-sampler (named as in the checkpoint)."""
 
-    def __init__(self, widths: list[int], resample: nn.Module | None, kind: str) -> None:
+    def __init__(self, widths: list[int], resample: nn.Module | None, kind: str, groups: int = 32) -> None:
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(widths[:-1], widths[1:]))
         if resample is not None:
             setattr(self, kind, resample)
         self.kind = kind if resample is not None else None
@@ -104,10 +104,11 @@ class Encoder(nn.Module):
         cin = cfg.ch
         for lvl, w in enumerate(widths):
             last = lvl == len(widths) - 1
-            self.down.append(Level([cin] + [w] * cfg.num_res_blocks, None if last else Downsample(w), "downsample"))
+            self.down.append(Level([cin] + [w] * cfg.num_res_blocks, None if last else Downsample(w), "downsample",
+                                   cfg.norm_groups))
             cin = w
-        self.mid = MidBlock(cin)
-        self.norm_out = group_norm(cin)
+        self.mid = MidBlock(cin, cfg.norm_groups)
+        self.norm_out = group_norm(cin, cfg.norm_groups)
         self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
 
@@ -126,16 +127,17 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1])
+        self.mid = MidBlock(widths[-1], cfg.norm_groups)
         # Checkpoint index up.{l} is the level (up.0 = full resolution); execution goes coarse to fine.
         levels: list[nn.Module] = [None] * len(widths)  # type: ignore[list-item]
         cin = widths[-1]
         for lvl in reversed(range(len(widths))):
             w = widths[lvl]
-            levels[lvl] = Level([cin] + [w] * (cfg.num_res_blocks + 1), Upsample(w) if lvl else None, "upsample")
+            levels[lvl] = Level([cin] + [w] * (cfg.num_res_blocks + 1), Upsample(w) if lvl else None, "upsample",
+                                cfg.norm_groups)
             cin = w
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(cin)
+        self.norm_out = group_norm(cin, cfg.norm_groups)
         self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
         self.gradient_checkpointing = False
 

@@ -421,6 +421,10 @@ def build_model(cfg: TrainConfig, tokenizer, info: DistInfo) -> tuple[nn.Module,
             raise TrainConfigError(
                 f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary only {model.config.text.vocab_size}"
             )
+    if cfg.model.high_frequency_gate is not None:
+        model.config.head.high_frequency_gate = bool(cfg.model.high_frequency_gate)
+        model.model.hi_gate.enabled = bool(cfg.model.high_frequency_gate)
+        origin += f", high-frequency gate {'on' if cfg.model.high_frequency_gate else 'OFF (ablation)'}"
     model = model.float().to(info.device)
     if use_channels_last(cfg, info):
         # Only the trained convolution stack: the frozen VAE encoder stays contiguous. On a constant picture
@@ -468,6 +472,21 @@ class RunBase:
         self.counters = {"nan_skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0}
         self.log = MetricLogger(self.out, enabled=self.info.is_main, tensorboard=cfg.log.tensorboard,
                                 progress=cfg.log.progress, total=cfg.steps)
+
+    def nan_policy(self, finite: bool, bad_run: int, detail: str) -> int:
+        """Apply `nan_policy` to one finished step; returns the new count of non-finite steps in a row. A skipped
+        step never reached the optimizer (the caller's step already checked before stepping)."""
+        if finite:
+            return 0
+        cfg = self.cfg
+        self.log.event("nonfinite", step=self.step, detail=detail, policy=cfg.nan_policy)
+        if cfg.nan_policy == "error":
+            raise NonFiniteLossError(self.step, detail)
+        self.counters["nan_skipped_steps"] += 1
+        bad_run += 1
+        if bad_run > cfg.max_nan_skips:
+            raise NonFiniteLossError(self.step, f"{bad_run} non-finite steps in a row; {detail}")
+        return bad_run
 
     # -- checkpoints
     def trainer_state(self) -> dict[str, Any]:
@@ -694,17 +713,8 @@ class FlowTrainer(RunBase):
             dt = time.perf_counter() - t0
             self.counters["samples"] += res.samples
             self.counters["tokens"] += res.tokens
-            if not res.finite:
-                detail = f"loss={res.loss}, ce_loss={res.ce_loss}, flow_loss={res.flow_loss}, grad_norm={res.grad_norm}"
-                self.log.event("nonfinite", step=self.step, detail=detail, policy=cfg.nan_policy)
-                if cfg.nan_policy == "error":
-                    raise NonFiniteLossError(self.step, detail)
-                self.counters["nan_skipped_steps"] += 1
-                consecutive_bad += 1
-                if consecutive_bad > cfg.max_nan_skips:
-                    raise NonFiniteLossError(self.step, f"{consecutive_bad} non-finite steps in a row; {detail}")
-            else:
-                consecutive_bad = 0
+            consecutive_bad = self.nan_policy(res.finite, consecutive_bad, f"loss={res.loss}, ce_loss={res.ce_loss}, "
+                                              f"flow_loss={res.flow_loss}, grad_norm={res.grad_norm}")
             if self.step % cfg.log.interval == 0 or self.step == cfg.steps:
                 last = {
                     "step": self.step, "loss": res.loss, "ce_loss": res.ce_loss, "flow_loss": res.flow_loss,

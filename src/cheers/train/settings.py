@@ -46,6 +46,9 @@ class ModelSection:
     # forward + backward at 1 thread on the parity config (it helps inference-only convolutions).
     channels_last: str = "false"  # false | auto | true
     bf16_autocast: bool = True  # only ever applied on CUDA; CPU always computes in float32
+    # Ablation of the paper's central claim: false cuts the gated patch-detail injection (Y = LN(S)); null keeps
+    # the model's own setting. Saved into the exported config, so the ablated model samples the same way.
+    high_frequency_gate: bool | None = None
 
 
 @dataclass

@@ -34,7 +34,6 @@ from torch import nn
 from cheers.model.vae import patchify
 from cheers.train.distributed import all_reduce_sum, wrap_plain
 from cheers.train.engine import (
-    NonFiniteLossError,
     RunBase,
     _grad_sync_context,
     build_model,
@@ -262,17 +261,7 @@ class VAETrainer(RunBase):
             self.step += 1
             dt = time.perf_counter() - t0
             self.counters["samples"] += res["images"]
-            if not res["finite"]:
-                detail = f"loss={res['loss']}, grad_norm={res['grad_norm']}"
-                self.log.event("nonfinite", step=self.step, detail=detail, policy=cfg.nan_policy)
-                if cfg.nan_policy == "error":
-                    raise NonFiniteLossError(self.step, detail)
-                self.counters["nan_skipped_steps"] += 1
-                bad_run += 1
-                if bad_run > cfg.max_nan_skips:
-                    raise NonFiniteLossError(self.step, f"{bad_run} non-finite steps in a row; {detail}")
-            else:
-                bad_run = 0
+            bad_run = self.nan_policy(res["finite"], bad_run, f"loss={res['loss']}, grad_norm={res['grad_norm']}")
             if self.step % cfg.log.interval == 0 or self.step == cfg.steps:
                 last = {"step": self.step, **{k: v for k, v in res.items() if k != "finite"},
                         "lr": self.schedule.lr(self.step - 1), "samples_per_s": res["images"] / dt, "step_time_s": dt}

@@ -1,0 +1,31 @@
+"""Write one training checkpoint (<run>/ckpt/step_N) as an official-format model directory (fp32), with the
+tokenizer saved beside it: how an intermediate step is evaluated (e.g. the gate ablation's matched step)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from cheers.checkpoint import save_model
+from cheers.config import CheersConfig
+from cheers.model.cheers import CheersModel
+from cheers.train.ckpt import load_model_weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("step_dir", help="a training checkpoint directory, e.g. runs/embedded/joint/ckpt/step_1000")
+    ap.add_argument("out", help="model directory to write")
+    a = ap.parse_args()
+    step, out = Path(a.step_dir), Path(a.out)
+    model = CheersModel(CheersConfig.from_json_file(step / "config.json"))
+    load_model_weights(step, model)
+    save_model(model.eval(), out)
+    for f in (step / "tokenizer").iterdir():
+        shutil.copy(f, out / f.name)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

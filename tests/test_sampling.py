@@ -1,0 +1,64 @@
+"""Prompt-lookup speculation: the drafts, and greedy output identical to plain decoding."""
+
+import pytest
+import torch
+
+from cheers import sampling as S
+from tests.conftest import golden
+
+
+def test_lookup_draft_takes_the_most_recent_longest_match():
+    h = [5, 6, 7, 1, 2, 5, 6, 9, 5, 6]
+    # the 2-gram (5, 6) last occurred at index 5, followed by 9, 5, 6
+    assert S.lookup_draft(h, 3) == [9, 5, 6]
+    assert S.lookup_draft(h, 1) == [9]
+    # the 3-gram (1, 2, 3) never occurred, nor (2, 3) nor (3,): no draft
+    assert S.lookup_draft([1, 2, 3], 4) == []
+    assert S.lookup_draft([4, 4], 2) == [4]
+    assert S.lookup_draft([7], 2) == []
+
+
+def _greedy(m, g, n, speculate, stop_ids=()):
+    latents = m.encode_images(g["pixel_values"])
+    prefix = S.prefill(m, g["input_ids"][None], g["attention_mask"][None], latents)
+    s = S.TextSampling(max_new_tokens=n, speculate=speculate, stop_ids=stop_ids)
+    start = prefix.length
+    out = [int(t[0]) for t in S.decode_tokens(m, prefix, s, prompt_ids=g["input_ids"])]
+    return out, prefix, start
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 40])
+def test_lookup_decoding_equals_plain_greedy(parity_model, n):
+    g = golden("a_understanding")
+    plain, _, _ = _greedy(parity_model, g, n, speculate=0)
+    fast, p1, start = _greedy(parity_model, g, n, speculate=4)
+    assert len(plain) == n
+    assert fast == plain
+    if n >= 8:
+        assert fast[:8] == g["greedy_ids"].tolist()
+    # the committed cache holds the prompt and every token fed back (all but the last one emitted)
+    assert p1.cache.length == p1.valid.shape[1] == start + n - 1
+
+
+def test_lookup_decoding_stops_at_a_stop_id(parity_model):
+    g = golden("a_understanding")
+    plain, _, _ = _greedy(parity_model, g, 40, speculate=0)
+    stop = plain[12]
+    first = plain.index(stop)
+    fast, _, _ = _greedy(parity_model, g, 40, speculate=4, stop_ids=(stop,))
+    assert fast == plain[:first + 1]
+
+
+def test_lookup_drafts_are_accepted_on_repetitive_output(parity_model):
+    """The random tiny model repeats itself, so drafts must be accepted: fewer forwards than tokens."""
+    g = golden("a_understanding")
+    calls = []
+    lm = parity_model.model.language_model
+    handle = lm.register_forward_hook(lambda mod, inp, out: calls.append(1))
+    try:
+        fast, _, _ = _greedy(parity_model, g, 40, speculate=4)
+    finally:
+        handle.remove()
+    forwards = len(calls) - 1  # minus the prefill
+    assert len(fast) == 40
+    assert forwards < 40 - 1, f"{forwards} decode forwards for 40 tokens: no draft was ever accepted"
