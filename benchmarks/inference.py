@@ -15,44 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
+from _common import SHARED, matmul_peak, peak_rss_gb  # noqa: E402  (puts src/ on the path)
 from cheers import sampling as S  # noqa: E402
 from cheers.checkpoint import load_model  # noqa: E402
 from cheers.config import preset  # noqa: E402
 from cheers.model.cheers import CheersModel  # noqa: E402
 
-SHARED = REPO.parent / "shared"
 # ../shared/parity/BASELINE.md (official code, fp32, 2 threads): medians
 REF_T2I_STEP_S = 0.381
 REF_DECODE_TOK_S = 292.0
 PROMPT_LEN = 29  # ids of the benchmark prompt (golden d)
-
-
-def matmul_peak(seconds: float = 2.0) -> float:
-    """Measured fp32 GEMM throughput (GFLOP/s), best of a few 2048^3 products."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * 2048**3 / (time.perf_counter() - t) / 1e9)
-    return best
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def prompt_rows(model: CheersModel, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -32,19 +31,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
+from _common import SHARED, peak_rss_gb  # noqa: E402  (puts src/ on the path)
 from cheers.checkpoint import load_model  # noqa: E402
 from cheers.train import engine as E  # noqa: E402
 from cheers.train.distributed import DistInfo  # noqa: E402
 
-SHARED = REPO.parent / "shared"
 REF_FWD_S, REF_BWD_S, REF_FWD_BWD_S = 0.846, 0.889, 1.72  # BASELINE.md medians
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def golden_batch():

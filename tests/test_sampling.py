@@ -62,3 +62,17 @@ def test_lookup_drafts_are_accepted_on_repetitive_output(parity_model):
     forwards = len(calls) - 1  # minus the prefill
     assert len(fast) == 40
     assert forwards < 40 - 1, f"{forwards} decode forwards for 40 tokens: no draft was ever accepted"
+
+
+def test_pipeline_answers_are_the_same_with_and_without_drafts():
+    from PIL import Image
+
+    from cheers.pipeline import Cheers
+
+    c = Cheers.from_pretrained(None)  # the embedded model: small, answers with repeated phrases
+    img = Image.new("RGB", (64, 64), (20, 20, 30))
+    qs = ["What do you see?", "How many objects are there?"]
+    plain = [c.answer([img], [q], max_new_tokens=24, speculate=0)[0] for q in qs]
+    fast = [c.answer([img], [q], max_new_tokens=24, speculate=4)[0] for q in qs]
+    assert fast == plain
+    assert all(isinstance(a, str) and a for a in plain)

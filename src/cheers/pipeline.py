@@ -235,7 +235,8 @@ class Cheers:
     def _sampling(self, kw: dict[str, Any]) -> tuple[S.TextSampling, list[str]]:
         d = self.text_defaults
         stop = _as_list(kw.pop("stop", None) or [])
-        unknown = set(kw) - {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"}
+        unknown = set(kw) - {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                             "speculate"}
         if unknown:
             raise TypeError(f"unknown text sampling option(s): {', '.join(sorted(unknown))}")
         s = S.TextSampling(
@@ -246,6 +247,7 @@ class Cheers:
             repetition_penalty=float(kw.get("repetition_penalty", d.repetition_penalty)),
             stop_ids=(self.config.tokens.chat_end,),
             seed=kw.get("seed", 0),
+            speculate=None if kw.get("speculate") is None else int(kw["speculate"]),
         )
         if not 0 < s.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
