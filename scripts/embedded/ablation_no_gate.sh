@@ -4,7 +4,7 @@
 # gate-on checkpoint it is compared with. Then both are evaluated with the same harness and seeds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-STEPS=${STEPS:-1000}
+STEPS=${STEPS:-500}
 OUT=runs/embedded
 .venv/bin/cheers train scripts/embedded/stage2_joint.yaml model.channels_last=true \
   model.high_frequency_gate=false output_dir=$OUT/joint_no_gate debug.max_steps_this_run=$STEPS --resume

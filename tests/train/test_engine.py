@@ -501,3 +501,35 @@ def test_stages_chain_through_export_and_training_checkpoints(work, tmp_path):
         assert any(n.startswith("model.language_model.layers.") for n in tr.trainable)  # stage 2 trains the LLM
     finally:
         tr.close()
+
+
+def test_gate_ablation_switch_trains_and_exports_without_the_gate(work, tmp_path):
+    """`model.high_frequency_gate=false` (the paper's ablation): the gate is cut in training (its MLP receives no
+    gradient, gate values are 0), and the exported config keeps it cut so sampling matches training."""
+    from cheers.checkpoint import load_model
+
+    out = tmp_path / "run"
+    cfg = flow_config(work, out, steps=1, model={"preset": "cheers-tiny", "tokenizer": str(work[0] / "tok"),
+                                                  "high_frequency_gate": False},
+                      ckpt={"interval": 0, "export_final": True})
+    tr = E.FlowTrainer(cfg)
+    try:
+        assert tr.base.model.hi_gate.enabled is False
+        (mb,) = tr.next_micro_batches()
+        E.forward_backward(tr.model, [mb], tr.info, tr.base.config.flow_loss_weight)
+        assert all(p.grad is None for p in tr.base.model.hi_gate.gate.parameters())
+        assert tr.base.model.hi_projector.diffusion_head_b.linear.weight.grad is not None
+    finally:
+        tr.close()
+    tr2 = E.FlowTrainer(flow_config(work, tmp_path / "run2", steps=1, ckpt={"interval": 0, "export_final": True},
+                                    model={"preset": "cheers-tiny", "tokenizer": str(work[0] / "tok"),
+                                           "high_frequency_gate": False}))
+    try:
+        tr2.fit()
+    finally:
+        tr2.close()
+    loaded = load_model(tmp_path / "run2" / "export")
+    assert loaded.config.head.high_frequency_gate is False and loaded.model.hi_gate.enabled is False
+    with torch.no_grad():
+        out_ = loaded(**mb.inputs, x0=mb.x0)
+    assert torch.count_nonzero(out_.gate) == 0
