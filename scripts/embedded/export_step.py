@@ -8,9 +8,7 @@ import shutil
 from pathlib import Path
 
 from cheers.checkpoint import save_model
-from cheers.config import CheersConfig
-from cheers.model.cheers import CheersModel
-from cheers.train.ckpt import load_model_weights
+from cheers.train.ckpt import load_checkpoint_model
 
 
 def main() -> None:
@@ -19,9 +17,7 @@ def main() -> None:
     ap.add_argument("out", help="model directory to write")
     a = ap.parse_args()
     step, out = Path(a.step_dir), Path(a.out)
-    model = CheersModel(CheersConfig.from_json_file(step / "config.json"))
-    load_model_weights(step, model)
-    save_model(model.eval(), out)
+    save_model(load_checkpoint_model(step).eval(), out)
     for f in (step / "tokenizer").iterdir():
         shutil.copy(f, out / f.name)
     print(out)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from cheers.checkpoint import load_model
 from cheers.eval.judge import detect, score_geneval
 from cheers.eval.shapes import eval_prompts, render_scene
 from cheers.processor import preprocess_generation
+from cheers.train.ckpt import load_checkpoint_model, resolve_training_checkpoint
 
 
 def main() -> None:
@@ -25,15 +25,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
-    if (Path(a.model) / "config.json").is_file() and not (Path(a.model) / ".metadata").is_file():
-        model = load_model(a.model)
-    else:  # a training checkpoint (weights only; encode -> decode does not depend on the latent statistics)
-        from cheers.config import CheersConfig
-        from cheers.model.cheers import CheersModel
-        from cheers.train.ckpt import load_model_weights
-        model = CheersModel(CheersConfig.from_json_file(Path(a.model) / "config.json"))
-        load_model_weights(a.model, model)
-        model.eval()
+    step = resolve_training_checkpoint(a.model)
+    # a training checkpoint carries no measured latent statistics, but encode -> decode does not depend on them
+    model = load_model(a.model) if step is None else load_checkpoint_model(step).eval()
     res = model.config.resolution
     items = eval_prompts(seed=a.seed, n=a.n, resolution=res, families=("generation",))["generation"]
     scores: dict[str, list[bool]] = defaultdict(list)

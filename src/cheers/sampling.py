@@ -32,6 +32,12 @@ class Prefix:
     def length(self) -> int:
         return self.cache.length
 
+    def commit(self, n: int, last_hidden: torch.Tensor) -> None:
+        """Make the next n written cache positions part of the prefix; `last_hidden` [B, d] is the newest state."""
+        self.cache.length += n
+        self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], n)], dim=1)
+        self.last_hidden = last_hidden
+
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged id lists -> (ids [B, L], attention_mask [B, L]) padded on the left."""
@@ -76,9 +82,7 @@ def extend(model: CheersModel, prefix: Prefix, embeds: torch.Tensor, causal: boo
     mask = _step_mask(prefix, n, causal)
     hidden = model.model.language_model(embeds, mask=mask, cache=prefix.cache, start=prefix.length, causal=causal)
     if commit:
-        prefix.cache.length += n
-        prefix.valid = torch.cat([prefix.valid, prefix.valid.new_ones(prefix.valid.shape[0], n)], dim=1)
-        prefix.last_hidden = hidden[:, -1]
+        prefix.commit(n, hidden[:, -1])
     return hidden
 
 
@@ -286,10 +290,8 @@ def _greedy_with_lookup(model: CheersModel, prefix: Prefix, s: TextSampling,
         accepted = 0
         while accepted < len(draft) and draft[accepted] == preds[accepted]:
             accepted += 1
-        n = accepted + 1  # positions whose keys/values are now right: `pending` and the accepted draft
-        prefix.cache.length += n
-        prefix.valid = torch.cat([prefix.valid, prefix.valid.new_ones(1, n)], dim=1)
-        prefix.last_hidden = hidden[accepted:accepted + 1]
+        # keys/values now right: `pending` and the accepted draft; the rejected tail is overwritten next time
+        prefix.commit(accepted + 1, hidden[accepted:accepted + 1])
         for tok in draft[:accepted]:
             yield torch.tensor([tok], device=prefix.last_hidden.device)
             emitted += 1

@@ -286,6 +286,16 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
     set_model_state_dict(model, state["model"])
 
 
+def load_checkpoint_model(step: str | os.PathLike) -> nn.Module:
+    """A `CheersModel` built from a training checkpoint's `config.json` with its weights (train mode, as built)."""
+    from cheers.config import CheersConfig
+    from cheers.model.cheers import CheersModel
+
+    model = CheersModel(CheersConfig.from_json_file(Path(step) / "config.json"))
+    load_model_weights(step, model)
+    return model
+
+
 # ---- export -----------------------------------------------------------------------------------------------------
 
 

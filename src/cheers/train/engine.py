@@ -380,7 +380,7 @@ def init_weights(model: nn.Module, std: float) -> None:
 def build_model(cfg: TrainConfig, tokenizer, info: DistInfo) -> tuple[nn.Module, str]:
     """The CheersModel to train (float32, on the run's device) and a description of where it came from."""
     from cheers.checkpoint import load_model
-    from cheers.config import CheersConfig, preset
+    from cheers.config import preset
     from cheers.model.cheers import CheersModel
 
     torch.manual_seed(cfg.seed)  # identical from-scratch init on every rank
@@ -392,9 +392,7 @@ def build_model(cfg: TrainConfig, tokenizer, info: DistInfo) -> tuple[nn.Module,
             model = load_model(p)
             origin = f"official model directory {p}"
         elif step is not None:
-            mcfg = CheersConfig.from_json_file(step / "config.json")
-            model = CheersModel(mcfg)
-            ckpt_io.load_model_weights(step, model)
+            model = ckpt_io.load_checkpoint_model(step)
             origin = f"training checkpoint {step} (weights only)"
         else:
             raise TrainConfigError(f"model.init {p}: neither a model directory (config.json) nor a training checkpoint")
