@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Reproduce the embedded model from scratch: data -> stage 0 (VAE) -> joint stage -> fp16 export into the package.
+# Reproduce the embedded model from scratch: data -> stage 0 (VAE) -> joint stage -> continued joint stage (flat LR)
+# -> fp16 export into the package.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
+#   CONTINUE_STEPS: where the continued stage stops on its 6,500-step schedule (the shipped model: all 6,500).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
 CHEERS=.venv/bin/cheers
 OUT=runs/embedded
 JOINT_STEPS=${JOINT_STEPS:-4000}
+CONTINUE_STEPS=${CONTINUE_STEPS:-6500}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
   debug.max_steps_this_run=$JOINT_STEPS --resume "$@"
-$PY scripts/embedded/export_step.py $OUT/joint/ckpt/step_$JOINT_STEPS $OUT/joint/export_step_$JOINT_STEPS
+# the continued stage starts from runs/embedded/joint/export, the joint stage's export at its last step
+[ -d $OUT/continue/ckpt/step_$CONTINUE_STEPS ] || $CHEERS train scripts/embedded/stage3_continue.yaml \
+  model.channels_last=true debug.max_steps_this_run=$CONTINUE_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/continue/ckpt/step_$CONTINUE_STEPS $OUT/continue/export_step_$CONTINUE_STEPS
 $PY scripts/embedded/vae_ceiling.py --model $OUT/stage0_vae/export --n 20 > $OUT/vae_ceiling.json
-$PY scripts/embedded/package.py --export $OUT/joint/export_step_$JOINT_STEPS --dest src/cheers/assets/cheers-shapes
+$PY scripts/embedded/package.py --export $OUT/continue/export_step_$CONTINUE_STEPS --dest src/cheers/assets/cheers-shapes
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers

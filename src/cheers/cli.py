@@ -16,6 +16,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype; bf16/fp16 run through autocast on GPU only (default: float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the language model and output head: ~2x faster text decoding of small "
+                        "models after a one-time compile of ~30 s (cached on disk); needs a C++ compiler on CPU")
 
 
 def _add_image_opts(p: argparse.ArgumentParser) -> None:
@@ -50,7 +53,8 @@ def _load(a: argparse.Namespace):
 
     from cheers.pipeline import Cheers
 
-    return Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype))
+    return Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype),
+                                  compile=getattr(a, "compile", False))
 
 
 def _save_images(images, output: str, prefix: str) -> list[str]:

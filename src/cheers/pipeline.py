@@ -79,9 +79,19 @@ class Cheers:
     # ---- loading --------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | None = None) -> "Cheers":
+                        dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | None = None,
+                        compile: bool = False) -> "Cheers":
         """Load a model directory (official format + tokenizer files), the embedded default (None), or build a
-        named preset with random weights (for benchmarks and tests; text tasks then need `tokenizer`)."""
+        named preset with random weights (for benchmarks and tests; text tasks then need `tokenizer`).
+        `compile=True`: `CheersModel.compile_decoding` (faster decoding after a one-time compile)."""
+        pipe = cls._load(path_or_preset, device, dtype, tokenizer)
+        if compile:
+            pipe.model.compile_decoding()
+        return pipe
+
+    @classmethod
+    def _load(cls, path_or_preset: str | os.PathLike | None, device: str | torch.device, dtype: torch.dtype | None,
+              tokenizer: str | os.PathLike | None) -> "Cheers":
         device = torch.device(device)
         if dtype is None:
             dtype = torch.float32  # bf16 is used through autocast on GPU, never as a hard cast on CPU

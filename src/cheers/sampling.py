@@ -28,6 +28,10 @@ class Prefix:
     last_hidden: torch.Tensor  # [B, d]
     hidden: torch.Tensor | None = None  # [B, S, d] (kept only on request)
 
+    def __post_init__(self) -> None:
+        # committed positions are always real, so this never changes; kept as a bool to spare a sync per token
+        self.all_valid = bool(self.valid.all())
+
     @property
     def length(self) -> int:
         return self.cache.length
@@ -65,7 +69,7 @@ def prefill(model: CheersModel, input_ids: torch.Tensor, attention_mask: torch.T
 
 def _step_mask(prefix: Prefix, n: int, causal: bool) -> torch.Tensor | None:
     """Mask for n new positions on top of the cache: real cached positions + (causally or fully) the new ones."""
-    if bool(prefix.valid.all()):
+    if prefix.all_valid:
         return None
     B, S = prefix.valid.shape
     new = torch.ones(n, n, dtype=torch.bool, device=prefix.valid.device)
@@ -80,6 +84,7 @@ def extend(model: CheersModel, prefix: Prefix, embeds: torch.Tensor, causal: boo
     by the next call (how the sampler re-evaluates the image block at every step)."""
     n = embeds.shape[1]
     mask = _step_mask(prefix, n, causal)
+    prefix.cache.reserve(prefix.length + n)
     hidden = model.model.language_model(embeds, mask=mask, cache=prefix.cache, start=prefix.length, causal=causal)
     if commit:
         prefix.commit(n, hidden[:, -1])
@@ -233,16 +238,22 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
     stop = torch.tensor(list(s.stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     hidden = prefix.last_hidden
+    # plain greedy never needs the logits in memory: the head and the argmax run as one step
+    fused_greedy = s.temperature <= 1e-6 and seen is None and logits_hook is None
+    nxt_greedy = model.greedy(hidden) if fused_greedy else None
     for _ in range(s.max_new_tokens):
-        logits = model.lm_head(hidden).float()
-        if logits_hook:
-            logits_hook(logits)
-        logits = _filter_logits(logits, s, seen)
-        if s.temperature <= 1e-6:
-            nxt = logits.argmax(-1)
+        if fused_greedy:
+            nxt = nxt_greedy
         else:
-            probs = logits.softmax(-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(device)
+            logits = model.logits(hidden).float()
+            if logits_hook:
+                logits_hook(logits)
+            logits = _filter_logits(logits, s, seen)
+            if s.temperature <= 1e-6:
+                nxt = logits.argmax(-1)
+            else:
+                probs = logits.softmax(-1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(device)
         nxt = torch.where(done, stop[0].expand_as(nxt) if s.stop_ids else nxt, nxt)
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
@@ -250,8 +261,14 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
         done |= torch.isin(nxt, stop)
         if bool(done.all()):
             return
-        emb = model.model.language_model.embed_tokens(nxt)[:, None]
-        hidden = extend(model, prefix, emb)[:, -1]
+        if fused_greedy:
+            mask = _step_mask(prefix, 1, causal=True)
+            prefix.cache.reserve(prefix.length + 1)
+            hidden, nxt_greedy = model.greedy_step(nxt, prefix.cache, prefix.length, mask)
+            prefix.commit(1, hidden)
+        else:
+            emb = model.model.language_model.embed_tokens(nxt)[:, None]
+            hidden = extend(model, prefix, emb)[:, -1]
 
 
 def lookup_draft(history: list[int], k: int, max_ngram: int = 3) -> list[int]:
@@ -274,7 +291,7 @@ def _greedy_with_lookup(model: CheersModel, prefix: Prefix, s: TextSampling,
     stop = set(s.stop_ids)
     history = [] if prompt_ids is None else [int(i) for i in prompt_ids.reshape(-1).tolist() if i >= 0]
     embed = model.model.language_model.embed_tokens
-    pending = int(model.lm_head(prefix.last_hidden).argmax(-1))
+    pending = int(model.greedy(prefix.last_hidden))
     emitted = 0
     while True:
         yield torch.tensor([pending], device=prefix.last_hidden.device)
@@ -286,7 +303,7 @@ def _greedy_with_lookup(model: CheersModel, prefix: Prefix, s: TextSampling,
         draft = lookup_draft(history, min(speculate, budget - 1)) if budget > 1 else []
         ids = torch.tensor([[pending] + draft], device=prefix.last_hidden.device)
         hidden = extend(model, prefix, embed(ids), commit=False)[0]
-        preds = model.lm_head(hidden).argmax(-1).tolist()
+        preds = model.greedy(hidden).tolist()
         accepted = 0
         while accepted < len(draft) and draft[accepted] == preds[accepted]:
             accepted += 1

@@ -126,6 +126,22 @@ def test_lr_schedule():
     assert s.lr(55) == pytest.approx(0.1 + 0.9 * 0.5) and s.lr(100) == pytest.approx(0.1)
     c = LRSchedule(opt, 2.0, total_steps=100, warmup_steps=0, kind="constant")
     assert c.lr(0) == 2.0 and c.lr(99) == 2.0
+    # warm-up / stable / decay: flat until the last 20 steps, then linear to the floor
+    w = LRSchedule(opt, 1.0, total_steps=100, warmup_steps=10, kind="wsd", min_lr_ratio=0.1, decay_steps=20)
+    assert w.lr(5) == pytest.approx(0.5) and w.lr(10) == 1.0 and w.lr(79) == 1.0 and w.lr(80) == 1.0
+    assert w.lr(90) == pytest.approx(0.55) and w.lr(100) == pytest.approx(0.1)
+
+
+def test_wsd_schedule_from_config():
+    from cheers.train.optim import LRSchedule
+    from cheers.train.settings import load_config
+
+    cfg = load_config("stage2_pretrain", ["steps=1000", "schedule.kind=wsd", "schedule.warmup=50",
+                                          "schedule.decay=0.25", "schedule.min_lr_ratio=0", "optim.lr=1e-3"])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = LRSchedule.for_run(opt, cfg)
+    assert (s.warmup, s.decay) == (50, 250)
+    assert s.lr(749) == pytest.approx(1e-3) and s.lr(875) == pytest.approx(0.5e-3) and s.lr(1000) == 0.0
 
 
 def test_global_batch_does_not_depend_on_the_split(work):

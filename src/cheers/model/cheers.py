@@ -97,6 +97,25 @@ class CheersBackbone(nn.Module):
                                       cfg.latent_channels, repeat_positions=True)
 
 
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, weight)
+
+
+def _head_greedy(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, weight).argmax(-1)
+
+
+def _rowdot_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # Written as a broadcast product + reduction so inductor emits one vectorized, threaded kernel; for a few rows
+    # against a 151,936 x 64 head it beats the BLAS GEMV ~1.7x on 2 CPU cores. Never run eagerly (it would
+    # materialize [.., V, d]).
+    return (hidden.unsqueeze(-2) * weight).sum(-1)
+
+
+def _rowdot_greedy(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _rowdot_logits(hidden, weight).argmax(-1)  # fused: the logits never reach memory
+
+
 class CheersModel(nn.Module):
     def __init__(self, config: CheersConfig) -> None:
         super().__init__()
@@ -105,6 +124,9 @@ class CheersModel(nn.Module):
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.tie_weights()
         self.model.vae_model.requires_grad_(False)  # the VAE never trains (stage 0 trains it separately)
+        self._logits_fn, self._greedy_fn = _head_logits, _head_greedy
+        self._step_fn = self._greedy_step
+        self.compiled = False
 
     def tie_weights(self) -> None:
         if self.config.text.tie_word_embeddings:
@@ -285,6 +307,45 @@ class CheersModel(nn.Module):
     # ---- inference primitives (used by cheers.sampling) ------------------------------------------------------
     def new_cache(self) -> KVCache:
         return KVCache(self.config.text.num_layers)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of final hidden states [..., d] -> [..., V] (inference)."""
+        return self._logits_fn(hidden, self.lm_head.weight)
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """argmax token of final hidden states [..., d] -> [...] long (inference)."""
+        return self._greedy_fn(hidden, self.lm_head.weight)
+
+    def greedy_step(self, tokens: torch.Tensor, cache: KVCache, start: int,
+                    mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One greedy decoding step: tokens [B] written at cache position `start` -> (their final hidden state
+        [B, d], the argmax next tokens [B]). One compiled graph per token when `compile_decoding` is on."""
+        return self._step_fn(tokens, cache, start, mask)
+
+    def _greedy_step(self, tokens: torch.Tensor, cache: KVCache, start: int,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        lm = self.model.language_model
+        hidden = lm(lm.embed_tokens(tokens)[:, None], mask=mask, cache=cache, start=start)[:, -1]
+        return hidden, self._greedy_fn(hidden, self.lm_head.weight)
+
+    def compile_decoding(self) -> "CheersModel":
+        """Opt-in `torch.compile` (inductor) of the language model and the output head for inference.
+
+        Per-token decoding of a small model is bound by Python/dispatch overhead and a GEMV; compiled, the
+        parity-tiny model decodes ~2x faster on 2 CPU cores. The first calls compile (about 30 s there; inductor
+        caches the result on disk) and each new kind of call (prefill, one token, an image block) compiles once.
+        Needs a C++ compiler on CPU (triton on GPU). Outputs equal the eager ones up to fp32 summation order.
+        """
+        if not self.compiled:
+            self.model.language_model.compile(dynamic=True)
+            self._logits_fn = torch.compile(_rowdot_logits, dynamic=True)
+            self._greedy_fn = torch.compile(_rowdot_greedy, dynamic=True)
+            # one graph and one guard check per token; the weights are fixed at inference, so dynamo need not
+            # re-check every parameter before each token (which cost ~10% of a token's time)
+            self._step_fn = torch.compile(self._greedy_step, dynamic=True, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            self.compiled = True
+        return self
 
     def channels_last_(self) -> "CheersModel":
         """Store the convolution stacks channels-last: ~30% faster convolutions with oneDNN on CPU."""

@@ -26,16 +26,29 @@ class KVCache:
         end = start + k.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != k.shape[0]:
-            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 64)
-            new_k = k.new_zeros(k.shape[0], k.shape[1], capacity, k.shape[3])
-            new_v = v.new_zeros(v.shape[0], v.shape[1], capacity, v.shape[3])
-            if buf_k is not None and buf_k.shape[0] == k.shape[0]:
-                new_k[:, :, :start] = buf_k[:, :, :start]
-                new_v[:, :, :start] = buf_v[:, :, :start]
-            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+            self._grow(layer, k, v, start, end)
+            buf_k, buf_v = self.keys[layer], self.values[layer]
         buf_k[:, :, start:end] = k
         buf_v[:, :, start:end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def _grow(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, end: int) -> None:
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 64)
+        new_k = k.new_zeros(k.shape[0], k.shape[1], capacity, k.shape[3])
+        new_v = v.new_zeros(v.shape[0], v.shape[1], capacity, v.shape[3])
+        if buf_k is not None and buf_k.shape[0] == k.shape[0]:
+            new_k[:, :, :start] = buf_k[:, :, :start]
+            new_v[:, :, :start] = buf_v[:, :, :start]
+        self.keys[layer], self.values[layer] = new_k, new_v
+
+    def reserve(self, end: int) -> None:
+        """Grow every allocated buffer so that positions < end, and one more, fit: called before a (compiled)
+        forward so the forward never reallocates and never writes up to the buffer's exact end, which keeps
+        torch.compile's shape guards stable from token to token."""
+        for layer, buf_k in enumerate(self.keys):
+            if buf_k is not None and buf_k.shape[2] <= end:
+                self._grow(layer, buf_k[:, :, :0], self.values[layer][:, :, :0], self.length, end + 1)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (e.g. when finished sequences leave a batch)."""

@@ -486,6 +486,26 @@ class RunBase:
             raise NonFiniteLossError(self.step, f"{bad_run} non-finite steps in a row; {detail}")
         return bad_run
 
+    def _setup_optimizer(self, module: nn.Module) -> None:
+        """AdamW over `module`'s trainable parameters and the run's LR schedule."""
+        self.optimizer = build_optimizer(module, self.cfg.optim)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.schedule = LRSchedule.for_run(self.optimizer, self.cfg)
+
+    def _start(self, origin: str, **fields: Any) -> None:
+        """Log the start event, keep the resolved config beside the run and resume if asked: the last step of
+        every stage's set-up (the subclass has built its model, optimizer, schedule and feed by now)."""
+        cfg = self.cfg
+        self.log.event("start", stage=cfg.stage, kind=self.kind, model=origin, world_size=self.info.world_size,
+                       strategy=self.info.strategy, global_batch=cfg.global_batch_size(self.info.world_size),
+                       trainable_params=sum(p.numel() for p in self.params),
+                       total_params=sum(p.numel() for p in self.base.parameters()),
+                       resume=str(self.resume_from or ""), **fields)
+        if self.info.is_main:
+            dump_config(cfg, self.out / "config.yaml")
+        if self.resume_from is not None:
+            self.load(self.resume_from)
+
     # -- checkpoints
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -494,6 +514,8 @@ class RunBase:
             "stage": self.cfg.stage,
             "counters": dict(self.counters),
             "rng": ckpt_io.rng_state(),
+            "feed": self.feed.state_dict(),
+            "schedule": self.schedule.state_dict(),
         }
 
     def restore_trainer_state(self, state: dict[str, Any]) -> None:
@@ -504,6 +526,8 @@ class RunBase:
         self.step = int(state["step"])
         self.counters.update(state.get("counters", {}))
         ckpt_io.set_rng_state(state["rng"])
+        self.feed.load_state_dict(state["feed"])
+        self.schedule.load_state_dict(state["schedule"])
 
     def _side_files(self, tmp: Path) -> None:
         self.base.config.save_json(tmp / "config.json")
@@ -560,10 +584,7 @@ class FlowTrainer(RunBase):
             raise TrainConfigError("stages >= 1 never train the VAE (model.vae_model.*): add it to trainable.exclude")
         self.base.model.vae_model.eval()  # frozen encoder: no running statistics anywhere, but keep it explicit
         self.model = wrap(self.base, self.info, cfg.distributed.reshard_after_forward)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.schedule = LRSchedule(self.optimizer, cfg.optim.lr, cfg.steps, cfg.warmup_steps(), cfg.schedule.kind,
-                                   cfg.schedule.min_lr_ratio)
+        self._setup_optimizer(self.model)
         mcfg = self.base.config
         self.n_img_tokens = mcfg.num_image_tokens
         self.img_end = mcfg.tokens.img_end
@@ -587,31 +608,18 @@ class FlowTrainer(RunBase):
         self._filler = None
         self._bad_before = 0
         self.bad_samples_all = 0  # over all ranks, this run
-        self.log.event(
-            "start", stage=cfg.stage, kind=self.kind, model=origin, world_size=self.info.world_size,
-            strategy=self.info.strategy, device=str(self.info.device), global_batch=cfg.global_batch_size(self.info.world_size),
-            trainable_params=sum(p.numel() for p in self.base.parameters() if p.requires_grad),
-            total_params=sum(p.numel() for p in self.base.parameters()), resume=str(self.resume_from or ""),
-            sources={n: {"weight": s.weight, "task": s.task} for n, s in zip(self.feed.names, cfg.data.sources)},
-        )
-        if self.info.is_main:
-            dump_config(cfg, self.out / "config.yaml")
-        if self.resume_from is not None:
-            self.load(self.resume_from)
+        self._start(origin, device=str(self.info.device),
+                    sources={n: {"weight": s.weight, "task": s.task} for n, s in zip(self.feed.names, cfg.data.sources)})
 
     # -- state
     def trainer_state(self) -> dict[str, Any]:
         state = super().trainer_state()
-        state["feed"] = self.feed.state_dict()
-        state["schedule"] = self.schedule.state_dict()
         if self.cache is not None:
             state["latent_cache"] = self.cache.stats()
         return state
 
     def restore_trainer_state(self, state: dict[str, Any]) -> None:
         super().restore_trainer_state(state)
-        self.feed.load_state_dict(state["feed"])
-        self.schedule.load_state_dict(state["schedule"])
         self._bad_before = self.counters["bad_samples"]
 
     # -- data

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from cheers.train.settings import OptimSection, TrainConfigError
+from cheers.train.settings import OptimSection, TrainConfig, TrainConfigError
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -74,18 +74,26 @@ class LRSchedule:
     """lr(step) = base * warm-up(step) * decay(step); `step` = optimizer steps already taken (0 for the first).
 
     Warm-up is linear from 0: multiplier step / warmup for step < warmup. Then "constant" keeps 1; "cosine" goes
-    from 1 to `min_lr_ratio` over the remaining steps. A pure function of the step: its state is just the step.
+    from 1 to `min_lr_ratio` over the remaining steps; "wsd" (warm-up, stable, decay) keeps 1 and then falls
+    linearly to `min_lr_ratio` over the last `decay` steps, so a run can be extended without a decayed LR in the
+    middle. A pure function of the step: its state is just the step.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, total_steps: int, warmup_steps: int,
-                 kind: str = "constant", min_lr_ratio: float = 0.0):
+                 kind: str = "constant", min_lr_ratio: float = 0.0, decay_steps: int = 0):
         self.optimizer = optimizer
         self.base_lr = float(base_lr)
         self.total = int(total_steps)
         self.warmup = int(warmup_steps)
         self.kind = kind
         self.min_ratio = float(min_lr_ratio)
+        self.decay = int(decay_steps)
         self.step_count = 0
+
+    @classmethod
+    def for_run(cls, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> "LRSchedule":
+        return cls(optimizer, cfg.optim.lr, cfg.steps, cfg.warmup_steps(), cfg.schedule.kind,
+                   cfg.schedule.min_lr_ratio, cfg.decay_steps())
 
     def multiplier(self, step: int) -> float:
         if self.warmup > 0 and step < self.warmup:
@@ -94,6 +102,11 @@ class LRSchedule:
             span = max(1, self.total - self.warmup)
             progress = min(1.0, (step - self.warmup) / span)
             return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.kind == "wsd" and self.decay > 0:
+            start = self.total - self.decay
+            if step >= start:
+                progress = min(1.0, (step - start) / self.decay)
+                return 1.0 - (1.0 - self.min_ratio) * progress
         return 1.0
 
     def lr(self, step: int | None = None) -> float:
@@ -111,7 +124,7 @@ class LRSchedule:
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "kind": self.kind, "base_lr": self.base_lr, "total": self.total,
-                "warmup": self.warmup, "min_lr_ratio": self.min_ratio}
+                "warmup": self.warmup, "min_lr_ratio": self.min_ratio, "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])

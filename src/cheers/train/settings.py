@@ -74,9 +74,10 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    kind: str = "constant"  # constant | cosine
+    kind: str = "constant"  # constant | cosine | wsd (warm-up, stable, linear decay at the end)
     warmup: float = 0.02  # < 1: fraction of `steps`; >= 1: number of steps; linear from 0
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    min_lr_ratio: float = 0.0  # cosine / wsd floor as a fraction of lr
+    decay: float = 0.2  # wsd only: < 1: fraction of `steps`; >= 1: number of steps of the final decay
 
 
 @dataclass
@@ -184,6 +185,10 @@ class TrainConfig:
         w = self.schedule.warmup
         return int(round(w * self.steps)) if w < 1 else int(w)
 
+    def decay_steps(self) -> int:
+        d = self.schedule.decay
+        return int(round(d * self.steps)) if d < 1 else int(d)
+
     def global_batch_size(self, world_size: int) -> int:
         return self.micro_batch_size * self.grad_accum * world_size
 
@@ -197,7 +202,7 @@ class TrainConfig:
         one_of("kind", self.kind, ("flow", "vae"))
         one_of("nan_policy", self.nan_policy, ("error", "skip"))
         one_of("device", self.device, ("auto", "cpu", "cuda"))
-        one_of("schedule.kind", self.schedule.kind, ("constant", "cosine"))
+        one_of("schedule.kind", self.schedule.kind, ("constant", "cosine", "wsd"))
         one_of("model.channels_last", self.model.channels_last, ("auto", "true", "false"))
         one_of("data.on_bad_sample", self.data.on_bad_sample, ("skip", "error"))
         one_of("data.bad_image", self.data.bad_image, ("error", "black"))

@@ -42,8 +42,8 @@ from cheers.train.engine import (
     set_activation_checkpointing,
 )
 from cheers.train.feed import RecordFeed, slot_range
-from cheers.train.optim import LRSchedule, build_optimizer, select_trainable
-from cheers.train.settings import TrainConfig, TrainConfigError, dump_config
+from cheers.train.optim import select_trainable
+from cheers.train.settings import TrainConfig, TrainConfigError
 
 
 class AutoencoderLoss(nn.Module):
@@ -117,31 +117,11 @@ class VAETrainer(RunBase):
         self.vae = self.base.model.vae_model
         self.ae = wrap_plain(AutoencoderLoss(self.vae), self.info)
         self.model = self.base  # checkpoints hold the whole CheersModel
-        self.optimizer = build_optimizer(self.base, cfg.optim)
-        self.params = [p for p in self.base.parameters() if p.requires_grad]
-        self.schedule = LRSchedule(self.optimizer, cfg.optim.lr, cfg.steps, cfg.warmup_steps(), cfg.schedule.kind,
-                                   cfg.schedule.min_lr_ratio)
+        self._setup_optimizer(self.base)
         self.resolution = cfg.data.resolution or self.base.config.resolution
         self.feed = ImageFeed(RecordFeed(cfg.data, cfg.seed))
         self._filler: torch.Tensor | None = None
-        self.log.event("start", stage=cfg.stage, kind=self.kind, model=origin, world_size=self.info.world_size,
-                       strategy=self.info.strategy, global_batch=cfg.global_batch_size(self.info.world_size),
-                       trainable_params=sum(p.numel() for p in self.params), resume=str(self.resume_from or ""))
-        if self.info.is_main:
-            dump_config(cfg, self.out / "config.yaml")
-        if self.resume_from is not None:
-            self.load(self.resume_from)
-
-    def trainer_state(self) -> dict[str, Any]:
-        state = super().trainer_state()
-        state["feed"] = self.feed.state_dict()
-        state["schedule"] = self.schedule.state_dict()
-        return state
-
-    def restore_trainer_state(self, state: dict[str, Any]) -> None:
-        super().restore_trainer_state(state)
-        self.feed.load_state_dict(state["feed"])
-        self.schedule.load_state_dict(state["schedule"])
+        self._start(origin)
 
     def _picture(self, path: str) -> torch.Tensor | None:
         from cheers.processor import ImageError, load_image, preprocess_generation
