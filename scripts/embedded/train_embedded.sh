@@ -4,14 +4,14 @@
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
-#   CONTINUE_STEPS: where the continued stage stops on its 6,500-step schedule (the shipped model: all 6,500).
+#   CONTINUE_STEPS: where the continued stage stops on its 5,000-step schedule (the shipped model: all 5,000).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
 CHEERS=.venv/bin/cheers
 OUT=runs/embedded
 JOINT_STEPS=${JOINT_STEPS:-4000}
-CONTINUE_STEPS=${CONTINUE_STEPS:-6500}
+CONTINUE_STEPS=${CONTINUE_STEPS:-5000}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \

@@ -506,6 +506,18 @@ class RunBase:
         if self.resume_from is not None:
             self.load(self.resume_from)
 
+    def optimizer_step(self, loss: float) -> tuple[float, bool]:
+        """Clip, then step at this step's learning rate unless the loss or gradient norm is not finite (a skipped
+        step never reaches the weights); gradients are cleared either way. Returns (grad norm, finite)."""
+        grad_norm = clip_gradients(self.params, self.cfg.optim.grad_clip)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.schedule.step_count = self.step
+            self.schedule.apply()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, finite
+
     # -- checkpoints
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -688,13 +700,7 @@ class FlowTrainer(RunBase):
             per_task=log_now and cfg.log.per_task, base=self.base, nan_inject=inject,
         )
         loss = float(loss)
-        grad_norm = clip_gradients(self.params, cfg.optim.grad_clip)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            self.schedule.step_count = self.step
-            self.schedule.apply()
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, finite = self.optimizer_step(loss)
         bad = self.counters["bad_samples"] - self._bad_before
         self._bad_before = self.counters["bad_samples"]
         counts = torch.tensor([sum(m.n_samples for m in micro), sum(m.n_tokens for m in micro), bad],

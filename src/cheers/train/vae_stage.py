@@ -37,7 +37,6 @@ from cheers.train.engine import (
     RunBase,
     _grad_sync_context,
     build_model,
-    clip_gradients,
     load_tokenizer,
     set_activation_checkpointing,
 )
@@ -175,16 +174,10 @@ class VAETrainer(RunBase):
                 loss.backward()
             sums += torch.stack([l1.detach(), mse.detach(), reg.detach()]).double().cpu() * weight
         all_reduce_sum(sums, info)
-        grad_norm = clip_gradients(self.params, cfg.optim.grad_clip)
         l1m, msem, regm = float(sums[0] / pix_elems), float(sums[1] / pix_elems), float(sums[2] / lat_elems)
         rec_m = {"l1": l1m, "mse": msem, "l1+mse": l1m + msem}[cfg.vae.loss]
         loss = rec_m + cfg.vae.latent_reg * regm
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            self.schedule.step_count = self.step
-            self.schedule.apply()
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, finite = self.optimizer_step(loss)
         return {"loss": loss, "recon_l1": l1m, "recon_mse": msem, "psnr": 10 * math.log10(1 / max(msem, 1e-12)),
                 "latent_reg": regm, "grad_norm": grad_norm, "finite": finite, "images": int(counts.item())}
 
