@@ -42,3 +42,15 @@ def test_embedded_autoencoder_keeps_shapes_and_colours():
           for it, r in zip(items, rec)]
     # measured: 0.875 here (fp16 weights, 24 scenes); 0.992 on 120 scenes in fp32 (scripts/embedded/vae_ceiling.py)
     assert np.mean(ok) >= 0.8, f"judge on reconstructions {np.mean(ok):.2f}"
+
+
+def test_embedded_model_reads_held_out_digits(tmp_path):
+    """A quality floor for the shipped weights, on real handwritten digits it never trained on (the model card
+    reports the 100-digit figure; 40 here keep the test short)."""
+    from cheers.eval.harness import evaluate_digits
+
+    c = Cheers.from_pretrained(None)
+    report = evaluate_digits(c, n=40, seed=1, out_dir=tmp_path, batch_size=20, tasks=("understanding",),
+                             verbose=False, save_images=False)
+    assert report["understanding"]["n"] == 40
+    assert report["understanding"]["accuracy"] >= 0.85, report["understanding"]
