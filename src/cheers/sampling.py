@@ -254,13 +254,19 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
             else:
                 probs = logits.softmax(-1)
                 nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(device)
-        nxt = torch.where(done, stop[0].expand_as(nxt) if s.stop_ids else nxt, nxt)
+        if B > 1 and s.stop_ids:
+            nxt = torch.where(done, stop[0].expand_as(nxt), nxt)
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
         yield nxt
-        done |= torch.isin(nxt, stop)
-        if bool(done.all()):
-            return
+        if s.stop_ids:  # (without stop ids no row ever finishes early: spare the per-token checks)
+            if B == 1:
+                if int(nxt) in s.stop_ids:
+                    return
+            else:
+                done |= torch.isin(nxt, stop)
+                if bool(done.all()):
+                    return
         if fused_greedy:
             mask = _step_mask(prefix, 1, causal=True)
             prefix.cache.reserve(prefix.length + 1)
