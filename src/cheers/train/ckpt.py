@@ -54,6 +54,19 @@ class TrainCheckpointError(RuntimeError):
     """A training checkpoint is missing, incomplete or does not fit the run."""
 
 
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory into place. An existing one is renamed aside first and dropped only after
+    the new one is in place, so a crash leaves either the old or the new copy, never neither."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 @contextmanager
 def _single_process_ok():
     """DCP warns that it 'assumes' a single process even when told so (no_dist=True); that is the intent here."""
@@ -217,14 +230,7 @@ def save_checkpoint(
         if pause_before_commit > 0:
             time.sleep(pause_before_commit)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old copy
-            old = ckpt_dir / (final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps the old copy out
         _fsync_dir(ckpt_dir)
         pointer_tmp = ckpt_dir / (LATEST + ".tmp")
         with open(pointer_tmp, "w", encoding="utf-8") as f:
@@ -331,14 +337,7 @@ def export_model(model: nn.Module, base: nn.Module, out_dir: str | os.PathLike, 
         save_model(target, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        _replace_dir(tmp, out_dir)
         result = out_dir
     barrier(info)
     return broadcast_object(result, info)

@@ -24,7 +24,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -467,6 +467,7 @@ class RunBase:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier(self.info)
         self.step = 0
+        self.stop_at = cfg.steps  # where this run stops (set by timed_steps)
         self.counters = {"nan_skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0}
         self.log = MetricLogger(self.out, enabled=self.info.is_main, tensorboard=cfg.log.tensorboard,
                                 progress=cfg.log.progress, total=cfg.steps)
@@ -568,6 +569,23 @@ class RunBase:
         path = ckpt_io.export_model(self.model, self.base, self.out / "export", self.info, self.tokenizer)
         self.log.event("export", step=self.step, path=str(path))
         return path
+
+    def timed_steps(self) -> Iterator[tuple[Any, float]]:
+        """Run `train_step` until the stage's last step (or `debug.max_steps_this_run` steps from here), yielding
+        each step's result and wall time; the caller logs, checkpoints and may stop early."""
+        cfg = self.cfg
+        stop_at = cfg.steps
+        if cfg.debug.max_steps_this_run is not None:
+            stop_at = min(cfg.steps, self.step + int(cfg.debug.max_steps_this_run))
+        self.stop_at = stop_at
+        self.log.progress_to(self.step)
+        while self.step < stop_at:
+            t0 = time.perf_counter()
+            res = self.train_step()
+            self.step += 1
+            yield res, time.perf_counter() - t0
+            if cfg.debug.sleep_per_step:
+                time.sleep(cfg.debug.sleep_per_step)
 
     def should_checkpoint(self) -> bool:
         iv = self.cfg.ckpt.interval
@@ -712,17 +730,9 @@ class FlowTrainer(RunBase):
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        stop_at = cfg.steps
-        if cfg.debug.max_steps_this_run is not None:
-            stop_at = min(cfg.steps, self.step + int(cfg.debug.max_steps_this_run))
         consecutive_bad = 0
         last: dict[str, Any] = {}
-        self.log.progress_to(self.step)
-        while self.step < stop_at:
-            t0 = time.perf_counter()
-            res = self.train_step()
-            self.step += 1
-            dt = time.perf_counter() - t0
+        for res, dt in self.timed_steps():
             self.counters["samples"] += res.samples
             self.counters["tokens"] += res.tokens
             consecutive_bad = self.nan_policy(res.finite, consecutive_bad, f"loss={res.loss}, ce_loss={res.ce_loss}, "
@@ -740,9 +750,7 @@ class FlowTrainer(RunBase):
                     last["latent_cache_misses"] = self.cache.misses
                 self.log.step(last)
             self.log.progress_to(self.step, res.loss)
-            if cfg.debug.sleep_per_step:
-                time.sleep(cfg.debug.sleep_per_step)
-            if self.should_checkpoint() or self.step == stop_at:
+            if self.should_checkpoint() or self.step == self.stop_at:
                 self.save()
         if self.step >= cfg.steps and cfg.ckpt.export_final:
             self.export()

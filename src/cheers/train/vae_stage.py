@@ -25,7 +25,6 @@ autoencoder is small).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
@@ -222,17 +221,9 @@ class VAETrainer(RunBase):
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        stop_at = cfg.steps
-        if cfg.debug.max_steps_this_run is not None:
-            stop_at = min(cfg.steps, self.step + int(cfg.debug.max_steps_this_run))
         last: dict[str, Any] = {}
         bad_run = 0
-        self.log.progress_to(self.step)
-        while self.step < stop_at:
-            t0 = time.perf_counter()
-            res = self.train_step()
-            self.step += 1
-            dt = time.perf_counter() - t0
+        for res, dt in self.timed_steps():
             self.counters["samples"] += res["images"]
             bad_run = self.nan_policy(res["finite"], bad_run, f"loss={res['loss']}, grad_norm={res['grad_norm']}")
             if self.step % cfg.log.interval == 0 or self.step == cfg.steps:
@@ -240,11 +231,9 @@ class VAETrainer(RunBase):
                         "lr": self.schedule.lr(self.step - 1), "samples_per_s": res["images"] / dt, "step_time_s": dt}
                 self.log.step(last)
             self.log.progress_to(self.step, res["loss"])
-            if cfg.debug.sleep_per_step:
-                time.sleep(cfg.debug.sleep_per_step)
             if self.step == cfg.steps:
                 break  # the final checkpoint comes after the statistics
-            if self.should_checkpoint() or self.step == stop_at:
+            if self.should_checkpoint() or self.step == self.stop_at:
                 self.save()
         if self.step >= cfg.steps:
             self.finalize()
