@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Reproduce the embedded model from scratch: data -> stage 0 (VAE) -> joint stage -> continued joint stage (flat LR)
-# -> fp16 export into the package.
+# -> its fp16 package -> second continued stage from that package -> fp16 export into the package.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
 #   CONTINUE_STEPS: where the continued stage stops on its 5,000-step schedule (the shipped model: all 5,000).
+#   CONTINUE2_STEPS: where the second continued stage stops on its 4,000-step schedule (the shipped model: all 4,000).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -12,6 +13,7 @@ CHEERS=.venv/bin/cheers
 OUT=runs/embedded
 JOINT_STEPS=${JOINT_STEPS:-4000}
 CONTINUE_STEPS=${CONTINUE_STEPS:-5000}
+CONTINUE2_STEPS=${CONTINUE2_STEPS:-4000}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -20,7 +22,12 @@ CONTINUE_STEPS=${CONTINUE_STEPS:-5000}
 [ -d $OUT/continue/ckpt/step_$CONTINUE_STEPS ] || $CHEERS train scripts/embedded/stage3_continue.yaml \
   model.channels_last=true debug.max_steps_this_run=$CONTINUE_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/continue/ckpt/step_$CONTINUE_STEPS $OUT/continue/export_step_$CONTINUE_STEPS
+# the second continued stage starts from the fp16 package of the first (what shipped in between)
+$PY scripts/embedded/package.py --export $OUT/continue/export_step_$CONTINUE_STEPS --dest $OUT/continue/package
+[ -d $OUT/continue2/ckpt/step_$CONTINUE2_STEPS ] || $CHEERS train scripts/embedded/stage4_continue2.yaml \
+  model.channels_last=true debug.max_steps_this_run=$CONTINUE2_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/continue2/ckpt/step_$CONTINUE2_STEPS $OUT/continue2/export_step_$CONTINUE2_STEPS
 $PY scripts/embedded/vae_ceiling.py --model $OUT/stage0_vae/export --n 20 > $OUT/vae_ceiling.json
-$PY scripts/embedded/package.py --export $OUT/continue/export_step_$CONTINUE_STEPS --dest src/cheers/assets/cheers-shapes
+$PY scripts/embedded/package.py --export $OUT/continue2/export_step_$CONTINUE2_STEPS --dest src/cheers/assets/cheers-shapes
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
