@@ -588,8 +588,9 @@ class RunBase:
                 time.sleep(cfg.debug.sleep_per_step)
 
     def should_checkpoint(self) -> bool:
+        """At every interval and at the last step of this run (`stop_at` <= the stage's last step)."""
         iv = self.cfg.ckpt.interval
-        return (iv > 0 and self.step % iv == 0) or self.step == self.cfg.steps
+        return (iv > 0 and self.step % iv == 0) or self.step == self.stop_at
 
     def close(self) -> None:
         self.log.close()
@@ -750,7 +751,7 @@ class FlowTrainer(RunBase):
                     last["latent_cache_misses"] = self.cache.misses
                 self.log.step(last)
             self.log.progress_to(self.step, res.loss)
-            if self.should_checkpoint() or self.step == self.stop_at:
+            if self.should_checkpoint():
                 self.save()
         if self.step >= cfg.steps and cfg.ckpt.export_final:
             self.export()

@@ -233,7 +233,7 @@ class VAETrainer(RunBase):
             self.log.progress_to(self.step, res["loss"])
             if self.step == cfg.steps:
                 break  # the final checkpoint comes after the statistics
-            if self.should_checkpoint() or self.step == self.stop_at:
+            if self.should_checkpoint():
                 self.save()
         if self.step >= cfg.steps:
             self.finalize()
