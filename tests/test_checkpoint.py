@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cheers.checkpoint import CheckpointError, load_model, save_model
-from cheers.config import CheersConfig, ConfigError, preset
+from cheers.config import PRESETS, CheersConfig, ConfigError, preset
 from cheers.model.cheers import CheersModel
 from tests.conftest import SHARED, needs_shared
 
@@ -77,10 +77,26 @@ def test_released_config_keys_and_shapes():
 
 
 def test_hf_config_round_trip():
-    for name in ("cheers-1.5b", "cheers-tiny", "cheers-small", "cheers-parity-tiny"):
+    for name in PRESETS:
         cfg = preset(name)
         again = CheersConfig.from_hf_config(json.loads(json.dumps(cfg.to_hf_config())))
         assert again == cfg, name
+
+
+def test_small_p8_geometry_gives_16_image_tokens():
+    cfg = preset("cheers-small-p8")
+    assert (cfg.vision.patch_size, cfg.vae_encoder.downsample_factor, cfg.grid, cfg.num_image_tokens) == (8, 4, 8, 16)
+    model = CheersModel(cfg).eval()
+    pixels = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        latents = model.encode_images(pixels)
+        reading = model.read_latents(latents)
+        hidden = torch.randn(2, cfg.num_image_tokens, cfg.text.hidden_size)
+        v = model.velocity_head(hidden, torch.tensor([0.3, 0.7]), reading.detail).velocity
+    assert latents.shape == (2, cfg.latent_channels, 8, 8) and cfg.latent_channels == 32  # 16x16x8 patchified 2x2
+    assert reading.tokens.shape == (2, 16, cfg.text.hidden_size)
+    assert reading.detail.shape == (2, 64, cfg.vision.hidden_size)
+    assert v.shape == latents.shape
 
 
 def test_vae_norm_groups_written_only_when_not_the_released_value():

@@ -392,11 +392,23 @@ def _small(vocab_size: int = 2048) -> CheersConfig:
     )
 
 
+def _small_p8(vocab_size: int = 2048) -> CheersConfig:
+    """`cheers-small` with 16 image tokens instead of 4: ViT patch 8, VAE factor 4 (16x16x8 latent, 8x8 grid).
+    At 4 tokens a 13-22 px ShapesWorld object is a fraction of one token and the model never learned shapes."""
+    cfg = _small(vocab_size)
+    cfg.vision.patch_size = 8
+    for vae in (cfg.vae_encoder, cfg.vae_decoder):
+        vae.ch_mult = (1, 2, 2)
+    cfg.name = "cheers-small-p8"
+    return cfg
+
+
 PRESETS = {
     "cheers-1.5b": _released,
     "cheers-parity-tiny": _parity_tiny,
     "cheers-tiny": _tiny,
     "cheers-small": _small,
+    "cheers-small-p8": _small_p8,
 }
 
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Reproduce the 16-token embedded candidate (`cheers-small-p8`) from scratch: data -> stage 0 (VAE, factor 4) ->
+# joint stage (WSD) -> fp32 export -> fp16 package in runs/embedded_p8/package -> held-out evaluation.
+# Same seed -> same weights on the same machine (single process, fixed seeds everywhere). Resumable: re-running
+# continues each stage from its latest checkpoint. JOINT_STEPS: where the joint stage stops (all 3,000 by default).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+PY=.venv/bin/python
+CHEERS=.venv/bin/cheers
+OUT=runs/embedded_p8
+JOINT_STEPS=${JOINT_STEPS:-3000}
+[ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data \
+  --n-gen 2500 --n-und 2500 --n-edit 1000 --n-text 2000
+[ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/p8/stage0_vae.yaml model.channels_last=true --resume "$@"
+$PY scripts/embedded/vae_ceiling.py --model $OUT/stage0_vae/export --n 20 > $OUT/vae_ceiling.json
+[ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/p8/stage1_joint.yaml model.channels_last=true \
+  debug.max_steps_this_run=$JOINT_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/joint/ckpt/step_$JOINT_STEPS $OUT/joint/export_step_$JOINT_STEPS
+$PY scripts/embedded/package.py --export $OUT/joint/export_step_$JOINT_STEPS --dest $OUT/package
+$PY scripts/embedded/evaluate.py --model $OUT/package --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
