@@ -2,13 +2,13 @@
 # Reproduce the 16-token embedded candidate (`cheers-small-p8`) from scratch: data -> stage 0 (VAE, factor 4) ->
 # joint stage (WSD) -> fp32 export -> fp16 package in runs/embedded_p8/package -> held-out evaluation.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere). Resumable: re-running
-# continues each stage from its latest checkpoint. JOINT_STEPS: where the joint stage stops (all 3,000 by default).
+# continues each stage from its latest checkpoint. JOINT_STEPS: where the joint stage stops (all 2,300 by default).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=.venv/bin/python
 CHEERS=.venv/bin/cheers
 OUT=runs/embedded_p8
-JOINT_STEPS=${JOINT_STEPS:-3000}
+JOINT_STEPS=${JOINT_STEPS:-2300}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data \
   --n-gen 2500 --n-und 2500 --n-edit 1000 --n-text 2000
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/p8/stage0_vae.yaml model.channels_last=true --resume "$@"
