@@ -18,9 +18,10 @@ $PY scripts/embedded/vae_ceiling.py --model $OUT/stage0_vae/export --n 20 > $OUT
 $PY scripts/embedded/export_step.py $OUT/joint/ckpt/step_$JOINT_STEPS $OUT/joint/export_step_$JOINT_STEPS
 $PY scripts/embedded/package.py --export $OUT/joint/export_step_$JOINT_STEPS --dest $OUT/package
 $PY scripts/embedded/evaluate.py --model $OUT/package --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
-# continued stage (in progress across sessions): CONTINUE_STEPS=N trains it to step N of its 5,000-step schedule
+# continued stage (in progress across sessions): CONTINUE_STEPS=N trains it to step N of its 5,000-step schedule,
+# starting from the joint export this script just wrote
 CONTINUE_STEPS=${CONTINUE_STEPS:-0}
-if [ "$CONTINUE_STEPS" -gt 0 ]; then
+if [ "$CONTINUE_STEPS" -gt 0 ] && [ ! -d $OUT/continue/ckpt/step_$CONTINUE_STEPS ]; then
   $CHEERS train scripts/embedded/p8/stage2_continue.yaml model.channels_last=true \
-    debug.max_steps_this_run=$CONTINUE_STEPS --resume "$@"
+    model.init=$OUT/joint/export_step_$JOINT_STEPS debug.max_steps_this_run=$CONTINUE_STEPS --resume "$@"
 fi
