@@ -297,6 +297,10 @@ def load_checkpoint_model(step: str | os.PathLike) -> nn.Module:
     from cheers.config import CheersConfig
     from cheers.model.cheers import CheersModel
 
+    train_cfg = Path(step) / "train_config.yaml"
+    if train_cfg.is_file() and "kind: vision" in train_cfg.read_text(encoding="utf-8").splitlines():
+        raise TrainCheckpointError(f"{step} is a vision-pretraining checkpoint (its weights hold a text tower); start "
+                                   f"from that run's export/ directory instead")
     model = CheersModel(CheersConfig.from_json_file(Path(step) / "config.json"))
     load_model_weights(step, model)
     return model

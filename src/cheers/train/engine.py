@@ -24,7 +24,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -596,6 +596,34 @@ class RunBase:
         self.log.close()
         torch.set_num_threads(self._threads_before)
 
+    def fit_plain(self, finalize: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Step loop of the stages whose `train_step` returns a flat dict (loss, grad_norm, finite, images, ...):
+        nan policy, logging, checkpoints; at the stage's last step `finalize()` (if given) runs before the final
+        checkpoint, then the export. Returns the last logged metrics."""
+        cfg = self.cfg
+        last: dict[str, Any] = {}
+        bad_run = 0
+        for res, dt in self.timed_steps():
+            self.counters["samples"] += res["images"]
+            bad_run = self.nan_policy(res["finite"], bad_run, f"loss={res['loss']}, grad_norm={res['grad_norm']}")
+            if self.step % cfg.log.interval == 0 or self.step == cfg.steps:
+                last = {"step": self.step, **{k: v for k, v in res.items() if k != "finite"},
+                        "lr": self.schedule.lr(self.step - 1), "samples_per_s": res["images"] / dt, "step_time_s": dt}
+                self.log.step(last)
+            self.log.progress_to(self.step, res["loss"])
+            if self.step == cfg.steps and finalize is not None:
+                break  # the final checkpoint comes after finalize()
+            if self.should_checkpoint():
+                self.save()
+        if self.step >= cfg.steps:
+            if finalize is not None:
+                finalize()
+                self.save()
+            if cfg.ckpt.export_final:
+                self.export()
+        self.log.event("end", step=self.step, counters=self.counters)
+        return last
+
 
 class FlowTrainer(RunBase):
     """Stages >= 1: the unified model on mixed understanding / generation / edit / text batches."""
@@ -764,6 +792,10 @@ def make_trainer(cfg: TrainConfig, resume: bool = False) -> RunBase:
         from cheers.train.vae_stage import VAETrainer
 
         return VAETrainer(cfg, resume)
+    if cfg.kind == "vision":
+        from cheers.train.vision_stage import VisionTrainer
+
+        return VisionTrainer(cfg, resume)
     return FlowTrainer(cfg, resume)
 
 

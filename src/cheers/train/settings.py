@@ -125,6 +125,15 @@ class VAESection:
 
 
 @dataclass
+class VisionSection:
+    """Vision pretraining stage (kind: vision): SigLIP-style image-text training of a from-scratch ViT."""
+
+    text_layers: int = 2  # transformer layers of the stage's text tower (width and heads: the ViT's)
+    max_text_tokens: int = 64  # longer texts are truncated (counted in the run's counters)
+    min_text_words: int = 2  # records whose describing text is shorter are passed over ("Yes", "B")
+
+
+@dataclass
 class DistributedSection:
     strategy: str = "none"  # none | ddp | fsdp2  (under torchrun; plain python runs one process)
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
@@ -158,7 +167,7 @@ class DebugSection:
 @dataclass
 class TrainConfig:
     stage: str = "custom"
-    kind: str = "flow"  # flow (stages >= 1) | vae (stage 0)
+    kind: str = "flow"  # flow (stages >= 1) | vae (stage 0) | vision (ViT pretraining, tiny presets)
     seed: int = 0
     steps: int = 1000
     micro_batch_size: int = 4  # per process
@@ -175,6 +184,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     latents: LatentsSection = field(default_factory=LatentsSection)
     vae: VAESection = field(default_factory=VAESection)
+    vision: VisionSection = field(default_factory=VisionSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     log: LogSection = field(default_factory=LogSection)
     ckpt: CkptSection = field(default_factory=CkptSection)
@@ -199,7 +209,7 @@ class TrainConfig:
             if value not in allowed:
                 problems.append(f"{key}: '{value}' is not one of {', '.join(allowed)}")
 
-        one_of("kind", self.kind, ("flow", "vae"))
+        one_of("kind", self.kind, ("flow", "vae", "vision"))
         one_of("nan_policy", self.nan_policy, ("error", "skip"))
         one_of("device", self.device, ("auto", "cpu", "cuda"))
         one_of("schedule.kind", self.schedule.kind, ("constant", "cosine", "wsd"))
@@ -221,6 +231,8 @@ class TrainConfig:
             problems.append(f"schedule.warmup: must be >= 0 (got {self.schedule.warmup})")
         if not 0.0 <= self.data.cfg_dropout <= 1.0:
             problems.append(f"data.cfg_dropout: must be in [0, 1] (got {self.data.cfg_dropout})")
+        if self.vision.text_layers < 1 or self.vision.max_text_tokens < 1 or self.vision.min_text_words < 1:
+            problems.append(f"vision: text_layers, max_text_tokens and min_text_words must be >= 1 (got {self.vision})")
         if self.log.interval < 1:
             problems.append(f"log.interval: must be >= 1 (got {self.log.interval})")
         if self.ckpt.interval < 0:

@@ -220,25 +220,4 @@ class VAETrainer(RunBase):
                        var_min=float(var.min()), var_max=float(var.max()))
 
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
-        last: dict[str, Any] = {}
-        bad_run = 0
-        for res, dt in self.timed_steps():
-            self.counters["samples"] += res["images"]
-            bad_run = self.nan_policy(res["finite"], bad_run, f"loss={res['loss']}, grad_norm={res['grad_norm']}")
-            if self.step % cfg.log.interval == 0 or self.step == cfg.steps:
-                last = {"step": self.step, **{k: v for k, v in res.items() if k != "finite"},
-                        "lr": self.schedule.lr(self.step - 1), "samples_per_s": res["images"] / dt, "step_time_s": dt}
-                self.log.step(last)
-            self.log.progress_to(self.step, res["loss"])
-            if self.step == cfg.steps:
-                break  # the final checkpoint comes after the statistics
-            if self.should_checkpoint():
-                self.save()
-        if self.step >= cfg.steps:
-            self.finalize()
-            self.save()
-            if cfg.ckpt.export_final:
-                self.export()
-        self.log.event("end", step=self.step, counters=self.counters)
-        return last
+        return self.fit_plain(self.finalize)
