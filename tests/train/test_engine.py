@@ -566,6 +566,17 @@ def test_vision_pair_text_takes_the_describing_turns():
     assert pair_text([("user", "<image>\nIs there a star?"), ("assistant", "Yes")], min_words=1) == "Yes"
 
 
+def test_vision_positives_follow_the_key_words():
+    from cheers.train.vision_stage import meaning_keys
+
+    texts = ["Draw a star.", "A photo of a star.", "Two red circles.", "There are 2 red circles.", "A red circle.",
+             "Nothing here."]
+    assert meaning_keys(texts, []) == texts
+    keys = meaning_keys(texts, ["star", "circle", "circles=circle", "red", "two=2", "2"])
+    assert keys[0] == keys[1] == "star" and keys[2] == keys[3] == "2 circle red"
+    assert keys[4] == "circle red" and keys[5] != keys[4] and len(set(keys)) == 4
+
+
 def _vision_config(work, out: Path, *extra: str):
     root, files = work
     return load_config(None, [f"output_dir={out}", *extra], raw={

@@ -131,6 +131,9 @@ class VisionSection:
     text_layers: int = 2  # transformer layers of the stage's text tower (width and heads: the ViT's)
     max_text_tokens: int = 64  # longer texts are truncated (counted in the run's counters)
     min_text_words: int = 2  # records whose describing text is shorter are passed over ("Yes", "B")
+    # words that carry a text's meaning ("word" or "word=canonical"): texts with the same sorted key words are
+    # positives of each other (rephrasings of templated prompts); empty = only identical texts
+    key_words: list[str] = field(default_factory=list)
 
 
 @dataclass

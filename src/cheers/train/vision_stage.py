@@ -9,8 +9,8 @@ attention-pooling head (`model.vision_representation.head`, in the checkpoint bu
 text tower that exists only during this stage:
 
     zi = normalize(centre(head(ViT(image))))     zt = normalize(centre(TextTower(text)))   (centre: minus the batch mean)
-    logits = exp(s) zi zt^T + b          labels = +1 where the two texts are equal (the diagonal and repeated
-    loss = -sum log sigmoid(labels * logits) / B                              captions), -1 elsewhere
+    logits = exp(s) zi zt^T + b          labels = +1 where the two texts mean the same (`meaning_keys`: the
+    loss = -sum log sigmoid(labels * logits) / B      diagonal, repeated captions, rephrased prompts), -1 elsewhere
 
 (s, b start at log 10 and -10 as in SigLIP.) Images are the records' first pictures with the understanding
 preprocessing; the text is the record's turns that hold no image (a caption answer, a generation prompt) without
@@ -24,6 +24,7 @@ bias live in the training checkpoints (exact resume) and are dropped at export: 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -67,6 +68,24 @@ class TextTower(nn.Module):
         h = self.encoder(self.embed(ids) + self.positions[: ids.shape[1]], src_key_padding_mask=~mask)
         h = self.norm(h) * mask[..., None]
         return self.proj(h.sum(1) / mask.sum(1, keepdim=True).clamp_min(1))
+
+
+def meaning_keys(texts: list[str], key_words: list[str]) -> list[str]:
+    """What decides that two texts describe the same picture. Without `key_words`: the exact text. With them
+    (entries "word" or "word=canonical", e.g. "circles=circle", "two=2"): the sorted canonical key words a text
+    contains, so "Draw a star." and "A photo of a star." are the same positive; texts without any key word keep
+    their exact text."""
+    if not key_words:
+        return list(texts)
+    canon = {}
+    for entry in key_words:
+        word, _, target = entry.partition("=")
+        canon[word.strip().lower()] = (target or word).strip().lower()
+    out = []
+    for t in texts:
+        found = sorted(canon[w] for w in re.findall(r"[a-z0-9]+", t.lower()) if w in canon)
+        out.append(" ".join(found) if found else "\0" + t)
+    return out
 
 
 def _centred(e: torch.Tensor) -> torch.Tensor:
@@ -173,7 +192,8 @@ class VisionTrainer(RunBase):
         for i, e in enumerate(encoded):
             ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
             mask[i, : len(e)] = True
-        same = torch.tensor([[a == b for b in texts] for a in texts])
+        keys = meaning_keys(texts, self.cfg.vision.key_words)
+        same = torch.tensor([[a == b for b in keys] for a in keys])
         dev = self.info.device
         return torch.stack([p for p, _ in pairs]).to(dev), ids.to(dev), mask.to(dev), same.to(dev)
 
