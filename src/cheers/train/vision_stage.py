@@ -178,8 +178,8 @@ class VisionTrainer(RunBase):
             got = [p for p in (self._pair(rec) for _, rec in self.feed.take(need)) if p is not None]
             guard = guard + 1 if not got else 0
             if guard > 100:
-                raise TrainConfigError("the vision stage found no (picture, describing text) pair in 100 draws in a row: give "
-                                       "it captioned or generation sources")
+                raise TrainConfigError("the vision stage found no (picture, describing text) pair in 100 draws in "
+                                       "a row: give it captioned or generation sources")
             pairs += got
         texts = [t for _, t in pairs]
         limit = self.cfg.vision.max_text_tokens
