@@ -20,3 +20,5 @@ IMAGE_GEN_PLACEHOLDER = -300  # generated (t ~ U(0, 1) in training)
 IGNORE_INDEX = -100
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# The training data format's instruction after a text-to-image prompt (the reference's generation template).
+GENERATION_INSTRUCTION = "Based on the above description, generate an image."

@@ -33,6 +33,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cheers import constants as C
+
 __all__ = [
     "SHAPES", "PLURALS", "COLORS", "BACKGROUNDS", "TEXTURES", "SIZES", "HELDOUT_PAIRS", "GEN_SUFFIX",
     "GENERATION_CATEGORIES", "UNDERSTANDING_TYPES", "EDIT_KINDS", "TEXT_KIND", "ALL_KINDS", "SPLITS",
@@ -77,7 +79,7 @@ HELDOUT_PAIRS = frozenset({
     ("star", "blue"), ("cross", "yellow"), ("heart", "green"),
 })
 
-GEN_SUFFIX = "\nBased on the above description, generate an image."
+GEN_SUFFIX = "\n" + C.GENERATION_INSTRUCTION
 IMAGE_PREFIX = "<im_start><image><im_end>\n"
 GEN_ANSWER = "<im_start><image_gen><im_end>"
 

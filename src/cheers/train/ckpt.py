@@ -297,8 +297,10 @@ def load_checkpoint_model(step: str | os.PathLike) -> nn.Module:
     from cheers.config import CheersConfig
     from cheers.model.cheers import CheersModel
 
+    import yaml
+
     train_cfg = Path(step) / "train_config.yaml"
-    if train_cfg.is_file() and "kind: vision" in train_cfg.read_text(encoding="utf-8").splitlines():
+    if train_cfg.is_file() and (yaml.safe_load(train_cfg.read_text(encoding="utf-8")) or {}).get("kind") == "vision":
         raise TrainCheckpointError(f"{step} is a vision-pretraining checkpoint (its weights hold a text tower); start "
                                    f"from that run's export/ directory instead")
     model = CheersModel(CheersConfig.from_json_file(Path(step) / "config.json"))

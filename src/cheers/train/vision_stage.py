@@ -31,20 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cheers import constants as C
 from cheers.train import ckpt as ckpt_io
 from cheers.train.engine import RunBase, build_model, load_tokenizer
 from cheers.train.feed import RecordFeed
 from cheers.train.optim import select_trainable
 from cheers.train.settings import TrainConfig, TrainConfigError
 
-GENERATION_SUFFIX = "Based on the above description, generate an image."
-
-
 def pair_text(turns: list[tuple[str, str]], min_words: int = 2) -> str:
     """The text that describes a record's picture: its non-system turns that hold no image tag, joined, with the
     generation instruction removed. "" when that leaves fewer than `min_words` words (a one-word answer such as
     "Yes" or "B" describes nothing)."""
-    text = " ".join(v.replace(GENERATION_SUFFIX, " ") for role, v in turns if role != "system" and "<image" not in v)
+    text = " ".join(v.replace(C.GENERATION_INSTRUCTION, " ") for role, v in turns
+                    if role != "system" and "<image" not in v)
     words = text.split()
     return " ".join(words) if len(words) >= min_words else ""
 
@@ -131,13 +130,10 @@ class VisionTrainer(RunBase):
                                    f"{cfg.grad_accum}")
         self.tokenizer = load_tokenizer(cfg)
         self.base, origin = build_model(cfg, self.tokenizer, self.info)
-        trainable, _ = select_trainable(self.base, cfg.trainable.include, cfg.trainable.exclude)
+        trainable, _ = select_trainable(self.base, cfg.trainable.include, cfg.trainable.exclude)  # sets requires_grad
         outside = [n for n in trainable if not n.startswith("model.vision_representation.")]
         if outside:
             raise TrainConfigError(f"the vision stage trains the ViT only; trainable.include also selects {outside[:3]}")
-        keep = set(trainable)
-        for name, p in self.base.named_parameters():
-            p.requires_grad_(name in keep)
         v = cfg.vision
         vit = self.base.config.vision
         tower = TextTower(self.tokenizer.vocab_size, vit.hidden_size, v.text_layers, vit.num_heads, v.max_text_tokens)
