@@ -3,8 +3,8 @@
 # joint stage (WSD) -> fp32 export -> fp16 package in runs/embedded_p8/package -> held-out evaluation.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere). Resumable: re-running
 # continues each stage from its latest checkpoint. JOINT_STEPS: where the joint stage stops (all 2,300 by default).
-# VISION=1: pretrain the ViT first (stage0b_vision.yaml, SigLIP-style) and run the joint stage from its export
-# into $OUT/joint_vision (the default run without it lives in $OUT/joint).
+# VISION=1: pretrain the ViT first (stage0b_vision.yaml, SigLIP-style) and run the joint stage from its export with
+# the ViT frozen (stage1_joint_vision.yaml) into $OUT/joint_vfrozen (the default run without it lives in $OUT/joint).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=.venv/bin/python
@@ -15,12 +15,12 @@ JOINT_STEPS=${JOINT_STEPS:-2300}
   --n-gen 2500 --n-und 2500 --n-edit 1000 --n-text 2000
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/p8/stage0_vae.yaml model.channels_last=true --resume "$@"
 $PY scripts/embedded/vae_ceiling.py --model $OUT/stage0_vae/export --n 20 > $OUT/vae_ceiling.json
-J=joint; INIT=$OUT/stage0_vae/export
+J=joint; INIT=$OUT/stage0_vae/export; JOINT=scripts/embedded/p8/stage1_joint.yaml
 if [ "${VISION:-0}" = 1 ]; then
   [ -f $OUT/vision/export/config.json ] || $CHEERS train scripts/embedded/p8/stage0b_vision.yaml --resume "$@"
-  J=joint_vision; INIT=$OUT/vision/export
+  J=joint_vfrozen; INIT=$OUT/vision/export; JOINT=scripts/embedded/p8/stage1_joint_vision.yaml
 fi
-[ -d $OUT/$J/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/p8/stage1_joint.yaml model.channels_last=true \
+[ -d $OUT/$J/ckpt/step_$JOINT_STEPS ] || $CHEERS train $JOINT model.channels_last=true \
   model.init=$INIT output_dir=$OUT/$J debug.max_steps_this_run=$JOINT_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/$J/ckpt/step_$JOINT_STEPS $OUT/$J/export_step_$JOINT_STEPS
 $PY scripts/embedded/package.py --export $OUT/$J/export_step_$JOINT_STEPS --dest $OUT/package_$J
