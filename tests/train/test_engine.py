@@ -117,6 +117,23 @@ def test_trainable_patterns_stage1():
     assert t2 and all(n.startswith("model.hi_gate.") for n in t2)
 
 
+def test_p8_joint_after_vision_stage_freezes_the_whole_vit():
+    """The joint stage after ViT pretraining must not train the ViT (doing so erased its shape features)."""
+    from cheers.config import preset
+    from cheers.model.cheers import CheersModel
+    from cheers.train.optim import select_trainable
+
+    model = CheersModel(preset("cheers-small-p8"))
+    cfg = load_config(REPO / "scripts/embedded/p8/stage1_joint_vision.yaml")
+    assert cfg.model.init.endswith("vision/export") and cfg.schedule.kind == "wsd" and cfg.steps == 2300
+    trainable, frozen = select_trainable(model, cfg.trainable.include, cfg.trainable.exclude)
+    frozen_roots = {n.split(".")[1] for n in frozen}
+    assert frozen_roots == {"vae_model", "vae_decoder_projector", "vision_representation"}, frozen_roots
+    vit = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.vision_representation."))
+    assert vit > 5e5 and not any(n.startswith("model.vision_representation.") for n in trainable)
+    assert any(n.startswith("model.hi_gate.") for n in trainable) and model.lm_head.weight.requires_grad
+
+
 def test_lr_schedule():
     from cheers.train.optim import LRSchedule
 
