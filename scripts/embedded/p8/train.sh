@@ -16,9 +16,11 @@ JOINT_STEPS=${JOINT_STEPS:-2300}
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/p8/stage0_vae.yaml model.channels_last=true --resume "$@"
 $PY scripts/embedded/vae_ceiling.py --model $OUT/stage0_vae/export --n 20 > $OUT/vae_ceiling.json
 J=joint; INIT=$OUT/stage0_vae/export; JOINT=scripts/embedded/p8/stage1_joint.yaml
+CONT=scripts/embedded/p8/stage2_continue.yaml; CONT_DIR=$OUT/continue_joint
 if [ "${VISION:-0}" = 1 ]; then
   [ -f $OUT/vision/export/config.json ] || $CHEERS train scripts/embedded/p8/stage0b_vision.yaml --resume "$@"
   J=joint_vfrozen; INIT=$OUT/vision/export; JOINT=scripts/embedded/p8/stage1_joint_vision.yaml
+  CONT=scripts/embedded/p8/stage2_continue_vision.yaml; CONT_DIR=$OUT/continue_vfrozen
 fi
 [ -d $OUT/$J/ckpt/step_$JOINT_STEPS ] || $CHEERS train $JOINT model.channels_last=true \
   model.init=$INIT output_dir=$OUT/$J debug.max_steps_this_run=$JOINT_STEPS --resume "$@"
@@ -28,7 +30,7 @@ $PY scripts/embedded/evaluate.py --model $OUT/package_$J --out $OUT/eval_$J --n 
 # continued stage (in progress across sessions): CONTINUE_STEPS=N trains it to step N of its 5,000-step schedule,
 # starting from the joint export this script just wrote
 CONTINUE_STEPS=${CONTINUE_STEPS:-0}
-if [ "$CONTINUE_STEPS" -gt 0 ] && [ ! -d $OUT/continue_$J/ckpt/step_$CONTINUE_STEPS ]; then
-  $CHEERS train scripts/embedded/p8/stage2_continue.yaml model.channels_last=true \
-    model.init=$OUT/$J/export_step_$JOINT_STEPS output_dir=$OUT/continue_$J debug.max_steps_this_run=$CONTINUE_STEPS --resume "$@"
+if [ "$CONTINUE_STEPS" -gt 0 ] && [ ! -d $CONT_DIR/ckpt/step_$CONTINUE_STEPS ]; then
+  $CHEERS train $CONT model.channels_last=true \
+    model.init=$OUT/$J/export_step_$JOINT_STEPS output_dir=$CONT_DIR debug.max_steps_this_run=$CONTINUE_STEPS --resume "$@"
 fi
