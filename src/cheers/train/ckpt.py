@@ -296,11 +296,10 @@ def load_checkpoint_model(step: str | os.PathLike) -> nn.Module:
     """A `CheersModel` built from a training checkpoint's `config.json` with its weights (train mode, as built)."""
     from cheers.config import CheersConfig
     from cheers.model.cheers import CheersModel
-
-    import yaml
+    from cheers.train.settings import read_raw
 
     train_cfg = Path(step) / "train_config.yaml"
-    if train_cfg.is_file() and (yaml.safe_load(train_cfg.read_text(encoding="utf-8")) or {}).get("kind") == "vision":
+    if train_cfg.is_file() and read_raw(train_cfg).get("kind") == "vision":
         raise TrainCheckpointError(f"{step} is a vision-pretraining checkpoint (its weights hold a text tower); start "
                                    f"from that run's export/ directory instead")
     model = CheersModel(CheersConfig.from_json_file(Path(step) / "config.json"))
