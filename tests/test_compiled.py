@@ -83,3 +83,36 @@ def test_from_pretrained_compile_flag():
 
     assert Cheers.from_pretrained(TINY_OFFICIAL, compile=True).model.compiled
     assert not Cheers.from_pretrained(TINY_OFFICIAL).model.compiled
+
+
+def test_half_head_ids_are_the_float32_argmax_and_near_ties_fall_back(compiled_model, parity_model):
+    m = compiled_model
+    assert m._head16 is not None and m._head16.dtype == torch.float16
+    assert 0 < m._head16_err < 1e-3
+    torch.manual_seed(0)
+    hidden = torch.randn(64, m.config.text.hidden_size) * 3
+    exact = (hidden @ m.lm_head.weight.t()).argmax(-1)
+    ids, proven = m._head_argmax(hidden)
+    assert proven is not None and float(proven.float().mean()) > 0.9  # random states: almost always decidable
+    assert torch.equal(m.greedy(hidden), exact)
+    # unproven rows are redone in float32
+    wrong = (exact + 1) % m.config.text.vocab_size
+    proven = torch.ones(64, dtype=torch.bool)
+    proven[::3] = False
+    settled = m._settle(hidden, wrong, proven)
+    assert torch.equal(settled[~proven], exact[~proven]) and torch.equal(settled[proven], wrong[proven])
+
+
+def test_half_head_bound_refuses_near_ties():
+    from cheers.model.cheers import _half_head_greedy
+
+    torch.manual_seed(1)
+    w = torch.randn(500, 32) * 0.05
+    w[7] = w[3] + 1e-6 * torch.randn(32)  # rows 3 and 7: logits closer than fp16 rounding can resolve
+    h = (w[3] * 40)[None].repeat(2, 1)
+    h[1] = torch.randn(32)  # an ordinary row
+    w16 = w.half()
+    err = float((w - w16.float()).abs().max())
+    ids, proven = _half_head_greedy(h, w16, err)
+    assert not bool(proven[0]) and int(ids[0]) in (3, 7)
+    assert bool(proven[1]) and int(ids[1]) == int((h[1] @ w.t()).argmax())
