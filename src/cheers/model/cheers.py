@@ -142,6 +142,8 @@ class CheersModel(nn.Module):
         self._half_fn = None  # compiled _half_head_greedy when the fp16 head copy is on (compile_decoding)
         self._head16: torch.Tensor | None = None
         self._head16_err = 0.0
+        self._cols: torch.Tensor | None = None  # see _head_columns
+        self._cols_key: tuple | None = None
         self.compiled = False
 
     def tie_weights(self) -> None:
@@ -326,7 +328,24 @@ class CheersModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of final hidden states [..., d] -> [..., V] (inference)."""
-        return self._logits_fn(hidden, self.lm_head.weight)
+        cols = self._head_columns()
+        return hidden @ cols if cols is not None else self._logits_fn(hidden, self.lm_head.weight)
+
+    _HEAD_COPY_BYTES = 256 * 2**20
+
+    def _head_columns(self) -> torch.Tensor | None:
+        """A [d, V] contiguous copy of the output head for eager CPU inference, or None. For a few rows BLAS reads
+        it ~3x faster than the [V, d] weight (151,936 x 64 on 2 cores: 2.1 vs 6.0 ms), and at batch 1 that head
+        read is most of a small model's per-token time. Only for heads up to 256 MB (a large model's time is in
+        its body); rebuilt whenever the weight changes (storage or in-place version)."""
+        w = self.lm_head.weight
+        if (self.compiled or torch.is_grad_enabled() or w.device.type != "cpu"
+                or w.numel() * w.element_size() > self._HEAD_COPY_BYTES):
+            return None
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+        if self._cols_key != key:
+            self._cols, self._cols_key = w.detach().t().contiguous(), key
+        return self._cols
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """argmax token of final hidden states [..., d] -> [...] long (inference); always the float32 argmax."""
@@ -342,6 +361,9 @@ class CheersModel(nn.Module):
     def _head_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._half_fn is not None:
             return self._half_fn(hidden, self._head16, self._head16_err)
+        cols = self._head_columns()
+        if cols is not None:
+            return (hidden @ cols).argmax(-1), None
         return self._greedy_fn(hidden, self.lm_head.weight), None
 
     def _settle(self, hidden: torch.Tensor, ids: torch.Tensor, proven: torch.Tensor | None) -> torch.Tensor:
