@@ -134,6 +134,23 @@ def test_p8_joint_after_vision_stage_freezes_the_whole_vit():
     assert any(n.startswith("model.hi_gate.") for n in trainable) and model.lm_head.weight.requires_grad
 
 
+def test_decoder_stage_trains_the_latent_to_pixel_decoder():
+    """The continued stage of scripts/embedded/p4dec trains the latent-to-pixel decoder (paper stage 2): frozen, it
+    hid the noise of x_t from the velocity head (scripts/embedded/xt_visibility.py)."""
+    from cheers.config import preset
+    from cheers.model.cheers import CheersModel
+    from cheers.train.optim import select_trainable
+
+    model = CheersModel(preset("cheers-small"))
+    cfg = load_config(REPO / "scripts/embedded/p4dec/stage5_decoder.yaml")
+    assert cfg.model.init == "runs/embedded/continue2/package" and cfg.schedule.kind == "wsd"
+    trainable, frozen = select_trainable(model, cfg.trainable.include, cfg.trainable.exclude)
+    assert {n.split(".")[1] for n in frozen} == {"vae_model", "vision_representation"}
+    assert all(n.startswith("model.vision_representation.head.") for n in frozen if "vision_representation" in n)
+    decoder = [n for n in trainable if n.startswith("model.vae_decoder_projector.decoder.")]
+    assert len(decoder) > 20 and model.lm_head.weight.requires_grad
+
+
 def test_lr_schedule():
     from cheers.train.optim import LRSchedule
 
