@@ -56,27 +56,8 @@ def test_embedded_model_reads_held_out_digits(tmp_path):
     assert report["understanding"]["accuracy"] >= 0.85, report["understanding"]
 
 
-def test_vision_probe_separates_informative_from_random_features():
-    """The shape probe of scripts/embedded/vision_probe.py: ~1.0 on features that encode the label, ~chance on noise."""
-    import importlib.util
-    from pathlib import Path
-
-    import torch
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "embedded" / "vision_probe.py"
-    spec = importlib.util.spec_from_file_location("vision_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    g = torch.Generator().manual_seed(0)
-    y_train, y_test = torch.randint(0, 6, (600,), generator=g), torch.randint(0, 6, (300,), generator=g)
-    centres = torch.randn(6, 16, generator=g) * 3
-    informative = lambda y: centres[y] + torch.randn(len(y), 16, generator=g)  # noqa: E731
-    assert mod.probe(informative(y_train), y_train, informative(y_test), y_test) > 0.95
-    noise = mod.probe(torch.randn(600, 16, generator=g), y_train, torch.randn(300, 16, generator=g), y_test)
-    assert noise < 0.3
-
-
 def _script(name: str):
+    """Load scripts/embedded/<name>.py as a module (the scripts are not a package)."""
     import importlib.util
     from pathlib import Path
 
@@ -85,6 +66,20 @@ def _script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_vision_probe_separates_informative_from_random_features():
+    """The shape probe of scripts/embedded/vision_probe.py: ~1.0 on features that encode the label, ~chance on noise."""
+    import torch
+
+    mod = _script("vision_probe")
+    g = torch.Generator().manual_seed(0)
+    y_train, y_test = torch.randint(0, 6, (600,), generator=g), torch.randint(0, 6, (300,), generator=g)
+    centres = torch.randn(6, 16, generator=g) * 3
+    informative = lambda y: centres[y] + torch.randn(len(y), 16, generator=g)  # noqa: E731
+    assert mod.probe(informative(y_train), y_train, informative(y_test), y_test) > 0.95
+    noise = mod.probe(torch.randn(600, 16, generator=g), y_train, torch.randn(300, 16, generator=g), y_test)
+    assert noise < 0.3
 
 
 def test_xt_visibility_ridge_separates_linear_maps_from_noise():
