@@ -97,3 +97,46 @@ def test_xt_visibility_ridge_separates_linear_maps_from_noise():
     noise = torch.randn(1200, 16, generator=g)
     # unrelated targets: no spurious fit (slightly negative: 64 fitted features on 800 rows overfit by ~p/n)
     assert -0.2 < ridge_r2(x[:800], noise[:800], x[800:], noise[800:]) < 0.05
+
+
+def test_prompt_sensitivity_spread_is_zero_for_ignored_words_and_near_one_for_unrelated_outputs():
+    import torch
+
+    relative_spread = _script("prompt_sensitivity").relative_spread
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 32, generator=g)
+    assert relative_spread(x.expand(5, -1, -1)) < 1e-12  # the word changes nothing
+    # five unrelated outputs of equal scale: variance across them / mean square = (k - 1) / k = 0.8
+    assert abs(relative_spread(torch.randn(5, 16, 32, generator=g)) - 0.8) < 0.05
+    # a shared component four times as strong as the word's effect: 1 / (1 + 16) of the energy moves, times 0.8
+    shared = relative_spread(4 * x + torch.randn(5, 16, 32, generator=g))
+    assert 0.03 < shared < 0.07
+
+
+def test_big_object_curriculum_keeps_held_out_pairs_out_and_fills_the_frame(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from PIL import Image
+
+    from cheers.eval.judge import detect
+    from cheers.eval.shapes import COLORS, HELDOUT_PAIRS
+
+    mod = _script("make_big_objects")
+    monkeypatch.setattr(sys, "argv", ["make_big_objects.py", "--out", str(tmp_path), "--n", "12"])
+    mod.main()
+    lines = (tmp_path / "shapes_big_generation.jsonl").read_text().splitlines()
+    assert len(lines) == 24
+    for line in lines:
+        rec = json.loads(line)
+        prompt = rec["conversations"][0]["value"].split("\n")[0].lower()
+        assert rec["conversations"][1]["value"] == "<im_start><image_gen><im_end>"
+        (det,) = detect(Image.open(tmp_path / rec["image"]))  # one object, recognised by the judge
+        assert det.shape in prompt and (det.shape, det.color) not in HELDOUT_PAIRS
+        if "_colors_" in rec["id"]:
+            assert det.color in prompt
+        else:
+            assert not any(c in prompt.split() for c in COLORS)
+        side = max(det.box[2] - det.box[0], det.box[3] - det.box[1])
+        assert 0.4 < side < 0.85, f"{rec['id']}: object spans {side:.2f} of the side"
+    assert {json.loads(x)["id"].split("_")[2] for x in lines} == {"single", "colors"}

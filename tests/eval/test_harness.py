@@ -21,6 +21,10 @@ def test_oracle_scores_perfectly(tmp_path, capsys):
     assert set(g["categories"]) == set(S.GENERATION_CATEGORIES)
     assert all(v["score"] == 1.0 and v["n"] == N for v in g["categories"].values())
     assert g["overall"] == 1.0 and g["heldout_compositions"]["score"] == 1.0 and g["heldout_compositions"]["n"] >= N
+    p = g["partial"]
+    assert p["shape_present"] == p["colour_present"] == p["object_count"] == 1.0
+    # one object per single_object / colors prompt, two for two_object / position / color_attr, 1-4 when counting
+    assert 1.5 < p["recognised_objects_per_image"] < 3.0
     assert set(u["types"]) == set(S.UNDERSTANDING_TYPES) | {"text"}
     assert all(v["accuracy"] == 1.0 for v in u["types"].values()) and u["overall"] == 1.0
     assert u["yesno"]["yes_ratio"] == 0.5 and u["yesno"]["f1"] == 1.0 and u["yesno"]["unparsed"] == 0
@@ -49,6 +53,10 @@ def test_wrong_model_scores_low(tmp_path):
     rep = evaluate_shapes(WrongShapes(seed=1, n=N), n=N, seed=1, out_dir=tmp_path, batch_size=8, verbose=False)
     assert rep["generation"]["overall"] == 0.0
     assert all(v["score"] == 0.0 for v in rep["generation"]["categories"].values())
+    # every object drawn, each with the next shape and colour: counts right, asked colours absent; a shape asked
+    # for may still appear as the wrong-shaped stand-in of another object (two-object prompts)
+    p = rep["generation"]["partial"]
+    assert p["object_count"] == 1.0 and p["colour_present"] < 0.3 and p["shape_present"] < 0.4
     u = rep["understanding"]
     assert u["yesno"]["yes_ratio"] == 1.0 and u["types"]["yesno"]["accuracy"] == 0.5
     assert u["types"]["mcq"]["accuracy"] == 0.25  # always "A", letters balanced

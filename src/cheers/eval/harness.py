@@ -198,10 +198,15 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
         images = batched_generate(model, [g.text for g in gens], seed, batch_size, **(gen_kw or {}))
         by_cat: dict[str, list[float]] = defaultdict(list)
         held: dict[bool, list[float]] = defaultdict(list)
+        partial: dict[str, list[float]] = defaultdict(list)
         captions = []
         for g, im in zip(gens, images):
             r = J.score_generation(im, g.geneval)
             by_cat[g.category].append(float(r["correct"]))
+            for key, v in r["partial"].items():
+                if v is not None:
+                    partial[key].append(v)
+            partial["recognised"].append(sum(d["confidence"] >= J.MIN_CONFIDENCE for d in r["detections"]))
             if g.category in ("colors", "color_attr"):
                 held[g.heldout].append(float(r["correct"]))
             if save_images:
@@ -216,6 +221,10 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
             "overall": _mean([v["score"] for v in cats.values()]), "categories": cats,
             "heldout_compositions": {"score": _mean(held[True]), "n": len(held[True])},
             "seen_compositions": {"score": _mean(held[False]), "n": len(held[False])},
+            # partial credit (judge.partial_credit): progress the all-or-nothing GenEval rule does not show
+            "partial": {"shape_present": _mean(partial["shape"]), "colour_present": _mean(partial["colour"]),
+                        "object_count": _mean(partial["count"]),
+                        "recognised_objects_per_image": _mean(partial["recognised"])},
         }
         order = [i for k in range(n) for i in range(k, len(gens), n)]  # one row per index, one column per category
         make_grid([images[i] for i in order], [captions[i] for i in order], cols=len(S.GENERATION_CATEGORIES)) \
@@ -310,6 +319,10 @@ def format_shapes_table(report: dict[str, Any]) -> str:
         h, s = g["heldout_compositions"], g["seen_compositions"]
         lines.append(f"  {'held-out compositions':<28}{h['score']:>8.3f}{h['n']:>6d}")
         lines.append(f"  {'seen compositions':<28}{s['score']:>8.3f}{s['n']:>6d}")
+        if "partial" in g:
+            p = g["partial"]
+            lines.append(f"  partial: shape {p['shape_present']:.3f}  colour {p['colour_present']:.3f}  "
+                         f"count {p['object_count']:.3f}  recognised/img {p['recognised_objects_per_image']:.2f}")
     u = report.get("understanding")
     if u:
         lines.append(f"{'understanding':<30}{'acc':>8}{'n':>6}")

@@ -435,11 +435,31 @@ def score_geneval(detections: Sequence[Detection], metadata: Mapping[str, Any],
     return correct, "; ".join(reasons)
 
 
+def partial_credit(detections: Sequence[Detection], metadata: Mapping[str, Any],
+                   min_confidence: float = MIN_CONFIDENCE) -> dict[str, float | None]:
+    """Softer views of one generated image than GenEval's all-or-nothing decision, for models whose strict score is
+    still ~0: the share of the prompt's object classes recognised at least once (`shape`), the share of its
+    requested colours present on any object, recognised or not (`colour`; None if no colour is asked), and whether
+    the number of objects drawn equals the number asked (`count`)."""
+    reqs = metadata.get("include", [])
+    if not reqs:
+        return {"shape": None, "colour": None, "count": None}
+    known = {d.shape for d in detections if d.confidence >= min_confidence}
+    colours = {d.color for d in detections}
+    asked_colours = [r["color"] for r in reqs if "color" in r]
+    return {
+        "shape": sum(r["class"] in known for r in reqs) / len(reqs),
+        "colour": sum(c in colours for c in asked_colours) / len(asked_colours) if asked_colours else None,
+        "count": float(len(detections) == sum(int(r["count"]) for r in reqs)),
+    }
+
+
 def score_generation(image: Image.Image, metadata: Mapping[str, Any]) -> dict[str, Any]:
     """Detect the objects of a generated image and score it against GenEval-format metadata."""
     dets = detect(image)
     ok, reason = score_geneval(dets, metadata)
-    return {"correct": ok, "reason": reason, "detections": [d.to_dict() for d in dets]}
+    return {"correct": ok, "reason": reason, "partial": partial_credit(dets, metadata),
+            "detections": [d.to_dict() for d in dets]}
 
 
 def _match(dets: Sequence[Detection], objs: Sequence[S.ObjectSpec],

@@ -1,0 +1,58 @@
+"""Curriculum data for the embedded model's generation: one ShapesWorld object drawn large (55-80 % of the image
+side, near the centre) on a plain background, with the single_object and colors prompts of the train split.
+
+Why: the shipped model ignores shape and colour words when it draws (the LLM's image states barely change between
+"A red star." and "A green star.", relative spread 0.008 at t = 0.5) while digit words, whose picture fills the
+frame, steer it strongly (0.075). A 13-22 px object lives in one or two of the 16 head positions, so the prompt only
+pays off once the head can already locate the object in x_t; a frame-filling object pays off at every position.
+The same prompts with large objects give the prompt -> picture path a gradient from the first step.
+Held-out (shape, colour) pairs stay out: the scenes come from the train split's own samples."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cheers.eval.shapes import GEN_ANSWER, GEN_SUFFIX, HELDOUT_PAIRS, SceneSpec, make_sample, render_scene
+
+
+def big_scene(scene: SceneSpec, rng: np.random.Generator) -> SceneSpec:
+    """The scene's only object, scaled to 0.55-0.8 of the side, centred within +-0.08, on a plain background."""
+    (obj,) = scene.objects
+    size = float(rng.uniform(0.55, 0.8))
+    cx, cy = (float(v) for v in 0.5 + rng.uniform(-0.08, 0.08, size=2))
+    return SceneSpec((dataclasses.replace(obj, size=size, cx=cx, cy=cy),), scene.background, "plain")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="runs/embedded/data")
+    ap.add_argument("--n", type=int, default=1500, help="samples per prompt family (single_object, colors)")
+    ap.add_argument("--seed", type=int, default=11, help="train-split seed (the main data uses 0)")
+    ap.add_argument("--resolution", type=int, default=64)
+    a = ap.parse_args()
+    out = Path(a.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(a.seed)
+    path = out / "shapes_big_generation.jsonl"
+    with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as f:
+        for kind in ("single_object", "colors"):
+            for i in range(a.n):
+                s = make_sample(kind, a.seed, "train", i)
+                (obj,) = s["scene"].objects
+                assert (obj.shape, obj.color) not in HELDOUT_PAIRS
+                rid = f"shapes_big_{kind}_{i:06d}"
+                rel = f"images/{rid}.png"
+                render_scene(big_scene(s["scene"], rng), a.resolution).save(out / rel, format="PNG")
+                f.write(json.dumps({"id": rid, "image": rel, "conversations": [
+                    {"from": "human", "value": s["prompt"] + GEN_SUFFIX}, {"from": "gpt", "value": GEN_ANSWER}]}) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    print(json.dumps({"file": str(path), "samples": 2 * a.n}))
+
+
+if __name__ == "__main__":
+    main()
