@@ -4,8 +4,9 @@ for the same x_t, at several t. Training-format rows (the prompt then `<im_start
 number is what the flow loss sees.
 
 relative spread = mean over elements of the variance across the prompts / mean square (0: the word is ignored;
-~(k-1)/k: the outputs are unrelated). Session 10: the shipped model's LLM image states move 0.8 % between colour
-words at t = 0.5 and 7.5 % between digit words; it draws digits right and ignores colours and shapes."""
+~(k-1)/k: the outputs are unrelated). Session 10 (training-format rows): the shipped model's LLM image
+states spread 0.010 across colour words at t = 0.5 and 0.144 across digit words; it draws digits right and ignores
+colours and shapes."""
 
 from __future__ import annotations
 
