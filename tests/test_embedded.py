@@ -140,3 +140,58 @@ def test_big_object_curriculum_keeps_held_out_pairs_out_and_fills_the_frame(tmp_
         side = max(det.box[2] - det.box[0], det.box[3] - det.box[1])
         assert 0.4 < side < 0.85, f"{rec['id']}: object spans {side:.2f} of the side"
     assert {json.loads(x)["id"].split("_")[2] for x in lines} == {"single", "colors"}
+
+
+def test_scene_text_twins_are_answerable_from_their_description(tmp_path, monkeypatch):
+    """make_scene_text.py: every record is a valid text-only training record whose answer follows from the
+    description (yes/no from the listed objects, colour and counts from the listed objects, left/right and
+    above/below from the two orders), with balanced yes/no answers and no held-out pair."""
+    import json
+    import re
+    import sys
+
+    from cheers.eval.shapes import HELDOUT_PAIRS, PLURALS, SHAPES
+    from cheers.train.data import Record, parse_record
+
+    mod = _script("make_scene_text")
+    monkeypatch.setattr(sys, "argv", ["make_scene_text.py", "--out", str(tmp_path), "--n", "40"])
+    mod.main()
+    lines = (tmp_path / "scene_text.jsonl").read_text().splitlines()
+    assert len(lines) == 40 * len(mod.KINDS)
+    yes = checked = 0
+    for k, line in enumerate(lines):
+        parsed = parse_record(Record(line.encode(), f"scene_text.jsonl:{k + 1}", tmp_path))
+        assert parsed.images == [] and [r for r, _ in parsed.turns] == ["user", "assistant"]
+        (_, prompt), (_, answer) = parsed.turns
+        scene, question = prompt.split("\n", 1)
+        kind = json.loads(line)["id"].split("_")[2]
+        lr, _, tb = scene.removeprefix("Scene: ").rstrip(".").partition("; from top to bottom, ")
+        objects = re.findall(r"(?:a|an|the) (\w+) (\w+)", lr.removeprefix("from left to right, "))
+        assert objects and not set((s, c) for c, s in objects) & set(HELDOUT_PAIRS)
+        top = re.findall(r"(?:a|an|the) (\w+) (\w+)", tb) or objects
+        assert sorted(top) == sorted(objects)
+        if kind == "yesno":
+            asked = re.sub(r" (?:in the scene|here)\?$", "?", question)
+            m = re.search(r"\b(?:a|an) (?:(\w+) )?(\w+)\?$", asked)
+            colour, shape = (m.group(1), m.group(2)) if m.group(1) else (None, m.group(2))
+            present = any(s == shape and (colour is None or c == colour) for c, s in objects)
+            assert answer == ("Yes" if present else "No"), prompt
+            yes += answer == "Yes"
+            checked += 1
+        elif kind == "color":
+            shape = next(w for w in re.findall(r"\w+", question) if w in SHAPES)
+            assert [c for c, s in objects if s == shape] == [answer], prompt
+            checked += 1
+        elif kind == "count":
+            plural = next(p for p in PLURALS.values() if p in question)
+            assert sum(PLURALS[s] == plural for _, s in objects) == int(answer), prompt
+            checked += 1
+        elif kind == "relation":
+            a, b = re.search(r"^Is the (.+?) (?:to the left|left|above|over) .* the (.+)\?$", question).groups()
+            pos = lambda seq, d: next(i for i, (c, s) in enumerate(seq) if d in (s, f"{c} {s}"))  # noqa: E731
+            order = objects if answer in ("left", "right") else top
+            before = pos(order, a) < pos(order, b)
+            assert before == (answer in ("left", "above")), prompt
+            checked += 1
+    assert checked == 40 * 4
+    assert yes == 20

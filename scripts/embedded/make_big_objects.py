@@ -2,8 +2,8 @@
 side, near the centre) on a plain background, with the single_object and colors prompts of the train split.
 
 Why: the shipped model ignores shape and colour words when it draws (the LLM's image states barely change between
-"A red star." and "A green star.", relative spread 0.008 at t = 0.5) while digit words, whose picture fills the
-frame, steer it strongly (0.075). A 13-22 px object lives in one or two of the 16 head positions, so the prompt only
+"A red star." and "A green star.", relative spread 0.010 at t = 0.5) while digit words, whose picture fills the
+frame, steer it strongly (0.144). A 13-22 px object lives in one or two of the 16 head positions, so the prompt only
 pays off once the head can already locate the object in x_t; a frame-filling object pays off at every position.
 The same prompts with large objects give the prompt -> picture path a gradient from the first step.
 Held-out (shape, colour) pairs stay out: the scenes come from the train split's own samples."""

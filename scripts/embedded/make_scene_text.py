@@ -1,0 +1,105 @@
+"""Text twins of the ShapesWorld understanding questions: the picture replaced by a description of the scene.
+
+Why (session 8, scripts/embedded/p8/RESULTS.md): the embedded model answers yes/no and multiple-choice questions
+from their priors even on its training pictures, and the same comparison over plain text is not learnt either
+(a from-scratch 6 x 256 LLM sits on a long ln 2 plateau). Mixing in retrieval questions over scene descriptions
+("Scene: ... What color is the star?", the answer is a word of the context) broke that plateau: held-out text
+yes/no 0.48 -> 0.91 in 1,000 steps, against 0.47-0.53 without them. This writes that mixture as an ordinary text
+source of the official jsonl format, so any stage of `cheers train` can weight it in (`task: text`).
+
+Each record is one understanding question of the train split (`make_sample`, the same generators and held-out
+pairs as the picture data, another seed) asked about its scene's description instead of its picture:
+
+    Scene: from left to right, a red star and two blue circles; from top to bottom, a blue circle, the red star
+    and a blue circle.
+    Is there a green star in the scene?                                   -> No
+
+The description names every object (colour + shape) in both orders, so every question type is answerable from
+it: colours, counts, presence, shape, left/right and above/below of objects whose relation is clear."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+from cheers.eval.shapes import ObjectSpec, SceneSpec, make_sample
+
+# Question types answerable from the description (captions are left out: the answer would be the description).
+KINDS = ("yesno", "mcq", "color", "count", "relation")
+
+
+def _names(objects: Sequence[ObjectSpec], first: bool) -> list[str]:
+    """'a red star' the first time an object is listed, 'the red star' or 'a red star' (when another object of the
+    same colour and shape exists) the second time."""
+    out = []
+    for o in objects:
+        twin = sum((p.shape, p.color) == (o.shape, o.color) for p in objects) > 1
+        article = "a" if first or twin else "the"
+        if article == "a" and o.color[0] in "aeiou":
+            article = "an"
+        out.append(f"{article} {o.color} {o.shape}")
+    return out
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def describe(spec: SceneSpec) -> str:
+    """Every object of the scene, left to right and top to bottom (image y grows downwards)."""
+    if not spec.objects:
+        return "Scene: nothing."
+    by_x = sorted(spec.objects, key=lambda o: (o.cx, o.cy))
+    by_y = sorted(spec.objects, key=lambda o: (o.cy, o.cx))
+    if len(spec.objects) == 1:
+        return f"Scene: {_names(by_x, True)[0]}."
+    return (f"Scene: from left to right, {_join(_names(by_x, True))}; "
+            f"from top to bottom, {_join(_names(by_y, False))}.")
+
+
+def text_twin(kind: str, seed: int, index: int) -> dict:
+    """The official-format record of understanding sample `index` of `kind` (train split), asked over text."""
+    s = make_sample(kind, seed, "train", index)
+    question = re.sub(r"\bimage\b", "scene", s["question"])  # "Is there a red star in the scene?"
+    return {"id": f"scene_text_{kind}_{index:06d}",
+            "conversations": [{"from": "human", "value": describe(s["scene"]) + "\n" + question},
+                              {"from": "gpt", "value": s["answer"]}]}
+
+
+def twins(kind: str, seed: int, n: int) -> list[dict]:
+    """n records of `kind`; yes/no ones exactly balanced and alternating (the train split draws each answer with
+    probability 1/2, and a model stuck on a prior should not find one answer paying off more often)."""
+    if kind != "yesno":
+        return [text_twin(kind, seed, i) for i in range(n)]
+    by_answer: dict[str, list[dict]] = {"Yes": [], "No": []}
+    i = 0
+    while len(by_answer["Yes"]) < (n + 1) // 2 or len(by_answer["No"]) < n // 2:
+        rec = text_twin(kind, seed, i)
+        by_answer[rec["conversations"][1]["value"]].append(rec)
+        i += 1
+    return [by_answer["Yes" if k % 2 == 0 else "No"][k // 2] for k in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/embedded/data")
+    ap.add_argument("--n", type=int, default=2000, help="questions per type")
+    ap.add_argument("--seed", type=int, default=13, help="train-split seed (the picture data uses 0)")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "scene_text.jsonl"
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for kind in KINDS:
+            for rec in twins(kind, a.seed, a.n):
+                f.write(json.dumps(rec) + "\n")
+    tmp.replace(path)
+    print(json.dumps({"file": str(path), "samples": a.n * len(KINDS)}))
+
+
+if __name__ == "__main__":
+    main()
