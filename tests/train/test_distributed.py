@@ -99,7 +99,33 @@ def _launch_and_kill(cmd: list[str], out: Path, event: str, step: int, timeout: 
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
         proc.stdout.close()
+        # torchrun starts its workers in sessions of their own: killing the launcher's group orphans them, and
+        # they would go on training into `out` beside the resumed run. Kill them too, as a crash would.
+        _kill_runs_writing_to(out)
     assert proc.returncode == -signal.SIGKILL
+
+
+def _kill_runs_writing_to(out: Path) -> None:
+    mark = f"output_dir={out}".encode()
+    victims = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if mark in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    victims.append(entry)
+            except (OSError, ProcessLookupError):
+                pass  # gone already
+    deadline = time.monotonic() + 30
+    while any(v.exists() and b"zombie" not in _state(v) for v in victims) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _state(entry: Path) -> bytes:
+    try:
+        return (entry / "status").read_bytes().lower()
+    except OSError:
+        return b"zombie"
 
 
 @pytest.fixture(scope="module")
