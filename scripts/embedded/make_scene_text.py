@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from cheers.eval.shapes import ObjectSpec, SceneSpec, make_sample
+from cheers.eval.shapes import ObjectSpec, SceneSpec, _a, list_phrase, make_sample
 
 # Question types answerable from the description (captions are left out: the answer would be the description).
 KINDS = ("yesno", "mcq", "color", "count", "relation")
@@ -34,18 +34,10 @@ KINDS = ("yesno", "mcq", "color", "count", "relation")
 def _names(objects: Sequence[ObjectSpec], first: bool) -> list[str]:
     """'a red star' the first time an object is listed, 'the red star' or 'a red star' (when another object of the
     same colour and shape exists) the second time."""
-    out = []
-    for o in objects:
-        twin = sum((p.shape, p.color) == (o.shape, o.color) for p in objects) > 1
-        article = "a" if first or twin else "the"
-        if article == "a" and o.color[0] in "aeiou":
-            article = "an"
-        out.append(f"{article} {o.color} {o.shape}")
-    return out
+    def twin(o: ObjectSpec) -> bool:
+        return sum((p.shape, p.color) == (o.shape, o.color) for p in objects) > 1
 
-
-def _join(words: list[str]) -> str:
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    return [_a(o.color, o.shape) if first or twin(o) else f"the {o.color} {o.shape}" for o in objects]
 
 
 def describe(spec: SceneSpec) -> str:
@@ -56,8 +48,8 @@ def describe(spec: SceneSpec) -> str:
     by_y = sorted(spec.objects, key=lambda o: (o.cy, o.cx))
     if len(spec.objects) == 1:
         return f"Scene: {_names(by_x, True)[0]}."
-    return (f"Scene: from left to right, {_join(_names(by_x, True))}; "
-            f"from top to bottom, {_join(_names(by_y, False))}.")
+    return (f"Scene: from left to right, {list_phrase(_names(by_x, True))}; "
+            f"from top to bottom, {list_phrase(_names(by_y, False))}.")
 
 
 def text_twin(kind: str, seed: int, index: int) -> dict:

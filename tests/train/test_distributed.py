@@ -114,18 +114,19 @@ def _kill_runs_writing_to(out: Path) -> None:
                 if mark in (entry / "cmdline").read_bytes():
                     os.kill(int(entry.name), signal.SIGKILL)
                     victims.append(entry)
-            except (OSError, ProcessLookupError):
+            except OSError:
                 pass  # gone already
     deadline = time.monotonic() + 30
-    while any(v.exists() and b"zombie" not in _state(v) for v in victims) and time.monotonic() < deadline:
+    while any(_alive(v) for v in victims) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
-def _state(entry: Path) -> bytes:
+def _alive(entry: Path) -> bool:
+    """The process of /proc/<pid> still runs (a zombie has finished: pid 1 of a container may never reap it)."""
     try:
-        return (entry / "status").read_bytes().lower()
+        return b"(zombie)" not in (entry / "status").read_bytes()
     except OSError:
-        return b"zombie"
+        return False
 
 
 @pytest.fixture(scope="module")

@@ -397,6 +397,11 @@ def _count_phrase(n: int, color: str, shape: str) -> str:
     return " ".join(w for w in (NUMBER_WORDS[n], color, PLURALS[shape]) if w)
 
 
+def list_phrase(parts: Sequence[str]) -> str:
+    """'x', 'x and y', 'x, y and z'."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def describe_scene(spec: SceneSpec) -> str:
     """'a red circle, two blue squares and a yellow star': groups of equal (colour, shape), left to right."""
     groups: dict[tuple[str, str], list[ObjectSpec]] = {}
@@ -405,7 +410,7 @@ def describe_scene(spec: SceneSpec) -> str:
     parts = [_count_phrase(len(v), c, s) for (c, s), v in groups.items()]
     if not parts:
         return "nothing"
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return list_phrase(parts)
 
 
 def _unique_desc(spec: SceneSpec, i: int) -> str | None:
