@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cheers.pipeline import EMBEDDED_DIR, Cheers
 
 
@@ -125,7 +127,16 @@ def test_prompt_sensitivity_spread_is_zero_for_ignored_words_and_near_one_for_un
     assert 0.03 < shared < 0.07
 
 
-def test_big_object_curriculum_keeps_held_out_pairs_out_and_fills_the_frame(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rung,args,side_range", [
+    ("big", [], (0.4, 0.85)),
+    ("mid", ["--name", "mid", "--min-size", "0.34", "--max-size", "0.55", "--jitter", "0.2", "--keep-texture"],
+     (0.25, 0.62)),
+])
+def test_size_ladder_curriculum_keeps_held_out_pairs_out_and_sizes_its_objects(tmp_path, monkeypatch, rung, args,
+                                                                              side_range):
+    """make_big_objects.py: both rungs of the size ladder (frame-filling on plain backgrounds; between ShapesWorld's
+    largest and the frame-filling ones on ShapesWorld's backgrounds): one judge-recognised object per picture, of
+    the prompt's shape (and colour), of the rung's size, inside the frame, no held-out pair."""
     import json
     import sys
 
@@ -135,9 +146,9 @@ def test_big_object_curriculum_keeps_held_out_pairs_out_and_fills_the_frame(tmp_
     from cheers.eval.shapes import COLORS, HELDOUT_PAIRS
 
     mod = _script("make_big_objects")
-    monkeypatch.setattr(sys, "argv", ["make_big_objects.py", "--out", str(tmp_path), "--n", "12"])
+    monkeypatch.setattr(sys, "argv", ["make_big_objects.py", "--out", str(tmp_path), "--n", "12", *args])
     mod.main()
-    lines = (tmp_path / "shapes_big_generation.jsonl").read_text().splitlines()
+    lines = (tmp_path / f"shapes_{rung}_generation.jsonl").read_text().splitlines()
     assert len(lines) == 24
     for line in lines:
         rec = json.loads(line)
@@ -150,8 +161,21 @@ def test_big_object_curriculum_keeps_held_out_pairs_out_and_fills_the_frame(tmp_
         else:
             assert not any(c in prompt.split() for c in COLORS)
         side = max(det.box[2] - det.box[0], det.box[3] - det.box[1])
-        assert 0.4 < side < 0.85, f"{rec['id']}: object spans {side:.2f} of the side"
+        assert side_range[0] < side < side_range[1], f"{rec['id']}: object spans {side:.2f} of the side"
+        assert min(det.box) > 0 and max(det.box) < 1, f"{rec['id']}: object touches the border {det.box}"
     assert {json.loads(x)["id"].split("_")[2] for x in lines} == {"single", "colors"}
+    assert {json.loads(x)["id"].split("_")[1] for x in lines} == {rung}
+
+
+def test_size_ladder_rejects_objects_that_leave_the_frame(tmp_path, monkeypatch, capsys):
+    import sys
+
+    mod = _script("make_big_objects")
+    monkeypatch.setattr(sys, "argv", ["make_big_objects.py", "--out", str(tmp_path), "--max-size", "0.9"])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert e.value.code == 2 and "--max-size 0.9" in capsys.readouterr().err
+    assert not (tmp_path / "shapes_big_generation.jsonl").exists()
 
 
 def test_scene_text_twins_are_answerable_from_their_description(tmp_path, monkeypatch):
