@@ -63,6 +63,26 @@ def test_answer_and_chat_greedy_match_reference(cheers):
     assert len(pieces) > 1 and "".join(pieces) == reply
 
 
+def test_mixed_batches_and_next_token_logits_match_the_reference(cheers):
+    """next_token_logits: the argmax is the reference's first greedy token (picture and text-only rows) and a mixed
+    batch equals the rows scored alone; chat on the mixed batch gives the reference's greedy replies."""
+    a, b = golden("a_understanding"), golden("b_text_only")
+    image = Image.fromarray(a["image_raw_uint8"].numpy())
+    convs = [[{"role": "user", "content": " Discribe this image.", "images": [image]}],
+             [{"role": "user", "content": "Please introduce yourself briefly."}]]
+    logits = cheers.next_token_logits(convs)
+    assert logits.shape == (2, cheers.config.text.vocab_size) and logits.dtype == torch.float32
+    assert logits.argmax(-1).tolist() == [int(a["greedy_ids"][0]), int(b["greedy_ids"][0])]
+    for i, conv in enumerate(convs):
+        torch.testing.assert_close(cheers.next_token_logits([conv])[0], logits[i], atol=1e-3, rtol=0)
+    # the same mixed batch through chat: a picture row beside a text-only row (they expand to different lengths,
+    # 16 tokens for the placeholder vs a 16-token noise prefix plus the ids) and in either order, reply as alone
+    tok = cheers.tokenizer
+    want = [tok.decode(g["greedy_ids"].tolist(), skip_special_tokens=True) for g in (a, b)]
+    assert cheers.chat(convs, max_new_tokens=8) == want
+    assert cheers.chat(convs[::-1], max_new_tokens=8) == want[::-1]
+
+
 def test_batched_equals_single(tiny):
     cheers = tiny
     prompts = ["a red circle", "two blue squares on a long green field", "x"]

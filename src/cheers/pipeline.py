@@ -282,19 +282,34 @@ class Cheers:
             rows.append(tok.encode_prompt(msgs, task="chat"))
         return rows, pixels
 
-    def _generate_text(self, rows: list[list[int]], pixels: list[torch.Tensor], s: S.TextSampling,
-                       stops: list[str], seeds: list[int]) -> Iterator[list[str]]:
-        """Yield the full decoded text of every row after each step (stop strings applied)."""
-        tok = self._tok()
-        self._check_length(rows, s.max_new_tokens, "prompt")
-        # rows without an image carry the noise picture (the reference's prefix); order = row order
+    def _row_images(self, rows: list[list[int]], pixels: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]:
+        """The pixels of every row's images in row order; rows without an image carry the noise picture (the
+        reference's prefix)."""
         images: list[torch.Tensor] = []
         it = iter(pixels)
         for r, sd in zip(rows, seeds):
             n = sum(1 for x in r if x < 0)
             images += [next(it) for _ in range(n)] if n else [dummy_image(self.config.resolution, "noise", sd)]
+        return images
+
+    @torch.no_grad()
+    def next_token_logits(self, messages: Sequence[Sequence[Message]]) -> torch.Tensor:
+        """[B, V] float32 logits of the first reply token of each conversation (greedy decoding picks their argmax):
+        for scoring fixed answers, e.g. the Yes - No margin of a question, without sampling. Text-only rows carry the
+        noise pictures `chat` gives them with its default seed, so the argmax is greedy `chat`'s first token."""
+        rows, pixels = self._text_rows([list(m) for m in messages])
+        self._check_length(rows, 1, "prompt")
         with self._autocast():
-            prefix = self._prefill(rows, self._latents(images))
+            prefix = self._prefill(rows, self._latents(self._row_images(rows, pixels, [0] * len(rows))))
+            return self.model.logits(prefix.last_hidden).float()
+
+    def _generate_text(self, rows: list[list[int]], pixels: list[torch.Tensor], s: S.TextSampling,
+                       stops: list[str], seeds: list[int]) -> Iterator[list[str]]:
+        """Yield the full decoded text of every row after each step (stop strings applied)."""
+        tok = self._tok()
+        self._check_length(rows, s.max_new_tokens, "prompt")
+        with self._autocast():
+            prefix = self._prefill(rows, self._latents(self._row_images(rows, pixels, seeds)))
             ids, _ = S.left_pad(rows, self.config.tokens.pad, self.device)
             generated: list[list[int]] = [[] for _ in rows]
             done = [False] * len(rows)
@@ -333,7 +348,8 @@ class Cheers:
         convs = [list(messages)] if single else [list(c) for c in messages]
         s, stops = self._sampling(dict(sampling))
         rows, pixels = self._text_rows(convs)
-        seeds = [int(s.seed or 0) + i for i in range(len(rows))]
+        # every text-only row carries the same noise picture, so a reply does not depend on its place in the batch
+        seeds = [int(s.seed or 0)] * len(rows)
         steps = self._generate_text(rows, pixels, s, stops, seeds)
         if stream:
             if len(rows) != 1:

@@ -60,7 +60,7 @@ def prefill(model: CheersModel, input_ids: torch.Tensor, attention_mask: torch.T
             keep_hidden: bool = False) -> Prefix:
     """Run a prompt batch (images read at t = 1 from their clean latents) and keep its KV cache."""
     reading = model.read_latents(latents)
-    lay = model.layout(input_ids, attention_mask, reading.tokens)
+    lay = model.layout(input_ids, attention_mask, reading.tokens, align_right=True)
     cache = model.new_cache()
     hidden = model.model.language_model(lay.embeds, mask=lay.mask, cache=cache)
     cache.length = hidden.shape[1]

@@ -181,10 +181,14 @@ class CheersModel(nn.Module):
         return VelocityOutput(velocity, semantic, gate, gated, out)
 
     # ---- sequence layout ------------------------------------------------------------------------------------
-    def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_tokens: torch.Tensor) -> SequenceLayout:
+    def layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_tokens: torch.Tensor,
+               align_right: bool = False) -> SequenceLayout:
         """Expand placeholders (ids < 0) into image tokens; rows without any placeholder get one image prepended
         as ordinary causal positions (the reference's dummy-image prefix, spec §C.3). Rows may be right-padded
-        (training, as the reference) or left-padded (batched inference). Fully vectorized."""
+        (training, as the reference) or left-padded (batched inference). Fully vectorized.
+        `align_right` (inference): every row ends at the last position even when the rows expand to different
+        lengths (different image counts, or a dummy prefix beside a placeholder), so the last position is each
+        row's newest token and generated tokens follow it without a gap."""
         B, L = input_ids.shape
         n_img = self.config.num_image_tokens
         device = input_ids.device
@@ -200,7 +204,10 @@ class CheersModel(nn.Module):
         extra = torch.zeros_like(width)
         extra[needs_prefix, lead[needs_prefix]] = n_img
         new_pos = (width + extra).cumsum(1) - width  # [B, L]
-        Lx = int((width + extra).sum(1).max())
+        row_len = (width + extra).sum(1)
+        Lx = int(row_len.max())
+        if align_right:
+            new_pos = new_pos + (Lx - row_len)[:, None]  # the shift is padding in front of the row
 
         # images in (row, textual order): placeholder images and prefixed ones, sorted by (row, start)
         ph_rows, ph_cols = is_ph.nonzero(as_tuple=True)
