@@ -231,3 +231,20 @@ def test_scene_text_twins_are_answerable_from_their_description(tmp_path, monkey
             checked += 1
     assert checked == 40 * 4
     assert yes == 20
+
+
+def test_answer_margin_auc_and_scores():
+    """answer_margin.py: the AUC is the Mann-Whitney probability (ties 1/2), and the embedded model's scores are
+    well-formed probabilities over both input modes."""
+    mod = _script("answer_margin")
+    assert mod.auc([3, 2, 1, 0], [True, True, False, False]) == 1.0
+    assert mod.auc([0, 1, 2, 3], [True, True, False, False]) == 0.0
+    assert mod.auc([1, 1, 1, 1], [True, False, True, False]) == 0.5
+    assert mod.auc([2, 0, 1, 3], [True, False, True, False]) == 0.5  # 2 > 0, 2 < 3, 1 > 0, 1 < 3
+    with pytest.raises(ValueError, match="both"):
+        mod.auc([1, 2], [True, True])
+    out = mod.score(Cheers.from_pretrained(None), n=4, batch=3)
+    for mode in ("picture", "text"):
+        r = out[mode]
+        assert 0 <= r["yesno_auc"] <= 1 and r["yesno_sign_accuracy"] in (0, 0.25, 0.5, 0.75, 1)
+        assert r["mcq_restricted_accuracy"] in (0, 0.25, 0.5, 0.75, 1) and 0.2 <= r["mcq_chance"] <= 0.5
