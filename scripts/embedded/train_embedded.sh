@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the embedded model from scratch: data -> stage 0 (VAE) -> joint stage -> continued joint stage (flat LR)
 # -> its fp16 package -> second continued stage from that package -> its fp16 package -> stage 6 (latent-to-pixel
-# decoder trainable, frame-filling single-object curriculum) -> fp16 export into the package.
+# decoder trainable, frame-filling single-object curriculum) -> its fp16 package -> stage 8 (a middle rung of the
+# size ladder + the scene-description text twins) -> fp16 export into the package.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
@@ -9,6 +10,7 @@
 #   CONTINUE2_STEPS: where the second continued stage stops on its 4,000-step schedule (the shipped model: all 4,000).
 #   STAGE6_STEPS: where stage 6 (decoder trainable + frame-filling curriculum) stops on its 3,000-step schedule
 #   (the shipped model: all 3,000).
+#   STAGE8_STEPS: where stage 8 stops on its 2,800-step schedule (the shipped model: all 2,800).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -18,6 +20,7 @@ JOINT_STEPS=${JOINT_STEPS:-4000}
 CONTINUE_STEPS=${CONTINUE_STEPS:-5000}
 CONTINUE2_STEPS=${CONTINUE2_STEPS:-4000}
 STAGE6_STEPS=${STAGE6_STEPS:-3000}
+STAGE8_STEPS=${STAGE8_STEPS:-2800}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -38,6 +41,14 @@ $PY scripts/embedded/package.py --export $OUT/continue2/export_step_$CONTINUE2_S
 [ -d $OUT/big/ckpt/step_$STAGE6_STEPS ] || $CHEERS train scripts/embedded/p10/stage6_big.yaml model.channels_last=true \
   debug.max_steps_this_run=$STAGE6_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/big/ckpt/step_$STAGE6_STEPS $OUT/big/export_step_$STAGE6_STEPS
-$PY scripts/embedded/package.py --export $OUT/big/export_step_$STAGE6_STEPS --dest src/cheers/assets/cheers-shapes
+# stage 8 starts from the fp16 package of stage 6 (what shipped before it)
+$PY scripts/embedded/package.py --export $OUT/big/export_step_$STAGE6_STEPS --dest $OUT/big/package
+[ -f $OUT/data/shapes_mid_generation.jsonl ] || $PY scripts/embedded/make_big_objects.py --out $OUT/data --name mid \
+  --min-size 0.34 --max-size 0.55 --jitter 0.2 --keep-texture
+[ -f $OUT/data/scene_text.jsonl ] || $PY scripts/embedded/make_scene_text.py --out $OUT/data
+[ -d $OUT/stage8/ckpt/step_$STAGE8_STEPS ] || $CHEERS train scripts/embedded/p12/stage8_ladder.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE8_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage8/ckpt/step_$STAGE8_STEPS $OUT/stage8/export_step_$STAGE8_STEPS
+$PY scripts/embedded/package.py --export $OUT/stage8/export_step_$STAGE8_STEPS --dest src/cheers/assets/cheers-shapes
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
