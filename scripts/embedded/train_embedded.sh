@@ -2,7 +2,8 @@
 # Reproduce the embedded model from scratch: data -> stage 0 (VAE) -> joint stage -> continued joint stage (flat LR)
 # -> its fp16 package -> second continued stage from that package -> its fp16 package -> stage 6 (latent-to-pixel
 # decoder trainable, frame-filling single-object curriculum) -> its fp16 package -> stage 8 (a middle rung of the
-# size ladder + the scene-description text twins) -> fp16 export into the package.
+# size ladder + the scene-description text twins) -> its fp16 package -> stage 9 (the text twins weighted up)
+# -> fp16 export into the package.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
@@ -11,6 +12,7 @@
 #   STAGE6_STEPS: where stage 6 (decoder trainable + frame-filling curriculum) stops on its 3,000-step schedule
 #   (the shipped model: all 3,000).
 #   STAGE8_STEPS: where stage 8 stops on its 2,800-step schedule (the shipped model: all 2,800).
+#   STAGE9_STEPS: where stage 9 stops on its 1,800-step schedule (the shipped model: all 1,800).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -21,6 +23,7 @@ CONTINUE_STEPS=${CONTINUE_STEPS:-5000}
 CONTINUE2_STEPS=${CONTINUE2_STEPS:-4000}
 STAGE6_STEPS=${STAGE6_STEPS:-3000}
 STAGE8_STEPS=${STAGE8_STEPS:-2800}
+STAGE9_STEPS=${STAGE9_STEPS:-1800}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -49,6 +52,11 @@ $PY scripts/embedded/package.py --export $OUT/big/export_step_$STAGE6_STEPS --de
 [ -d $OUT/stage8/ckpt/step_$STAGE8_STEPS ] || $CHEERS train scripts/embedded/p12/stage8_ladder.yaml \
   model.channels_last=true debug.max_steps_this_run=$STAGE8_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/stage8/ckpt/step_$STAGE8_STEPS $OUT/stage8/export_step_$STAGE8_STEPS
-$PY scripts/embedded/package.py --export $OUT/stage8/export_step_$STAGE8_STEPS --dest src/cheers/assets/cheers-shapes
+# stage 9 starts from the fp16 package of stage 8
+$PY scripts/embedded/package.py --export $OUT/stage8/export_step_$STAGE8_STEPS --dest $OUT/stage8/package
+[ -d $OUT/stage9/ckpt/step_$STAGE9_STEPS ] || $CHEERS train scripts/embedded/p12/stage9_text.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE9_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage9/ckpt/step_$STAGE9_STEPS $OUT/stage9/export_step_$STAGE9_STEPS
+$PY scripts/embedded/package.py --export $OUT/stage9/export_step_$STAGE9_STEPS --dest src/cheers/assets/cheers-shapes
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
