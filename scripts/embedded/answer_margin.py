@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_scene_text import describe  # noqa: E402
+from make_scene_text import twin_question  # noqa: E402
 
 from cheers.eval.shapes import make_sample, render_scene  # noqa: E402
 from cheers.pipeline import Cheers  # noqa: E402
@@ -38,8 +37,7 @@ def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
 
 def _conversations(samples: list[dict], resolution: int, as_text: bool) -> list[list[dict]]:
     if as_text:
-        return [[{"role": "user", "content": describe(s["scene"]) + "\n" + re.sub(r"\bimage\b", "scene", s["question"])}]
-                for s in samples]
+        return [[{"role": "user", "content": twin_question(s)}] for s in samples]
     return [[{"role": "user", "content": s["question"], "images": [render_scene(s["scene"], resolution)]}]
             for s in samples]
 

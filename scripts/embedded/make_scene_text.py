@@ -52,13 +52,17 @@ def describe(spec: SceneSpec) -> str:
             f"from top to bottom, {list_phrase(_names(by_y, False))}.")
 
 
+def twin_question(sample: dict) -> str:
+    """An understanding sample's question asked about its scene's description instead of its picture."""
+    question = re.sub(r"\bimage\b", "scene", sample["question"])  # "Is there a red star in the scene?"
+    return describe(sample["scene"]) + "\n" + question
+
+
 def text_twin(kind: str, seed: int, index: int) -> dict:
     """The official-format record of understanding sample `index` of `kind` (train split), asked over text."""
     s = make_sample(kind, seed, "train", index)
-    question = re.sub(r"\bimage\b", "scene", s["question"])  # "Is there a red star in the scene?"
     return {"id": f"scene_text_{kind}_{index:06d}",
-            "conversations": [{"from": "human", "value": describe(s["scene"]) + "\n" + question},
-                              {"from": "gpt", "value": s["answer"]}]}
+            "conversations": [{"from": "human", "value": twin_question(s)}, {"from": "gpt", "value": s["answer"]}]}
 
 
 def twins(kind: str, seed: int, n: int) -> list[dict]:

@@ -146,10 +146,6 @@ class Cheers:
         with self._autocast():
             return S.prefill(self.model, ids, mask, latents)
 
-    def _prefix_images(self, rows: list[list[int]], seeds: list[int]) -> list[torch.Tensor]:
-        """Pixels for every image the rows need: rows without placeholders carry the reference's noise picture."""
-        return [dummy_image(self.config.resolution, "noise", s) for r, s in zip(rows, seeds) if not any(x < 0 for x in r)]
-
     # ---- text-to-image --------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_image(self, prompts: str | Sequence[str], seed: int | Sequence[int] = 0, steps: int | None = None,
@@ -166,7 +162,7 @@ class Cheers:
         out: list[Image.Image] = []
         for lo in range(0, len(rows), batch_size):
             sl = slice(lo, lo + batch_size)
-            lat = self._latents(self._prefix_images(rows[sl], seeds[sl]))
+            lat = self._latents(self._row_images(rows[sl], seeds[sl]))
             x = S.noise(self._latent_shape(), seeds[sl], self.device) if noise is None else noise[sl].to(self.device)
             out += self._sample(rows[sl], lat, x, t0=0.0, steps=steps, cfg_scale=cfg_scale, shift=shift,
                                 sampler=sampler, progress=progress)
@@ -282,9 +278,10 @@ class Cheers:
             rows.append(tok.encode_prompt(msgs, task="chat"))
         return rows, pixels
 
-    def _row_images(self, rows: list[list[int]], pixels: list[torch.Tensor], seeds: list[int]) -> list[torch.Tensor]:
-        """The pixels of every row's images in row order; rows without an image carry the noise picture (the
-        reference's prefix)."""
+    def _row_images(self, rows: list[list[int]], seeds: list[int],
+                    pixels: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+        """Pixels for every image the rows need, in row order: `pixels` fill the placeholders, and a row without one
+        carries the reference's noise picture drawn with its seed."""
         images: list[torch.Tensor] = []
         it = iter(pixels)
         for r, sd in zip(rows, seeds):
@@ -300,7 +297,7 @@ class Cheers:
         rows, pixels = self._text_rows([list(m) for m in messages])
         self._check_length(rows, 1, "prompt")
         with self._autocast():
-            prefix = self._prefill(rows, self._latents(self._row_images(rows, pixels, [0] * len(rows))))
+            prefix = self._prefill(rows, self._latents(self._row_images(rows, [0] * len(rows), pixels)))
             return self.model.logits(prefix.last_hidden).float()
 
     def _generate_text(self, rows: list[list[int]], pixels: list[torch.Tensor], s: S.TextSampling,
@@ -309,7 +306,7 @@ class Cheers:
         tok = self._tok()
         self._check_length(rows, s.max_new_tokens, "prompt")
         with self._autocast():
-            prefix = self._prefill(rows, self._latents(self._row_images(rows, pixels, seeds)))
+            prefix = self._prefill(rows, self._latents(self._row_images(rows, seeds, pixels)))
             ids, _ = S.left_pad(rows, self.config.tokens.pad, self.device)
             generated: list[list[int]] = [[] for _ in rows]
             done = [False] * len(rows)
