@@ -233,6 +233,61 @@ def test_scene_text_twins_are_answerable_from_their_description(tmp_path, monkey
     assert yes == 20
 
 
+def test_scene_picture_twins_ask_the_text_twins_questions_over_their_pictures(tmp_path, monkeypatch, capsys):
+    """make_scene_text.py --pictures: record k of each kind is record k of the text twins asked over the scene's
+    picture (same question, same answer, a 64 px picture of the described scene), valid understanding records;
+    the text file is unchanged by the option; an unknown kind is a usage error that writes nothing."""
+    import json
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from cheers.eval.judge import detect
+    from cheers.train.data import Record, parse_record
+
+    mod = _script("make_scene_text")
+    monkeypatch.setattr(sys, "argv", ["make_scene_text.py", "--out", str(tmp_path / "plain"), "--n", "12"])
+    mod.main()
+    monkeypatch.setattr(sys, "argv", ["make_scene_text.py", "--out", str(tmp_path), "--n", "12",
+                                      "--pictures", "yesno,mcq", "--n-pictures", "8"])
+    mod.main()
+    assert (tmp_path / "scene_text.jsonl").read_bytes() == (tmp_path / "plain" / "scene_text.jsonl").read_bytes()
+    texts = [json.loads(x) for x in (tmp_path / "scene_text.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "scene_pictures.jsonl").read_text().splitlines()
+    assert len(lines) == 16
+    by_kind: dict[str, list] = {}
+    for t in texts:
+        by_kind.setdefault(t["id"].split("_")[2], []).append(t)
+    answers = []
+    for k, line in enumerate(lines):
+        rec = json.loads(line)
+        kind, idx = rec["id"].split("_")[2], rec["id"].split("_")[3]
+        twin = by_kind[kind][k % 8]
+        assert twin["id"].endswith(idx)  # the same sample of the train split
+        parsed = parse_record(Record(line.encode(), f"scene_pictures.jsonl:{k + 1}", tmp_path))
+        assert len(parsed.images) == 1 and [r for r, _ in parsed.turns] == ["user", "assistant"]
+        (_, prompt), (_, answer) = parsed.turns
+        text_question = twin["conversations"][0]["value"].split("\n", 1)[1]
+        assert prompt.split("\n", 1)[1].replace("image", "scene") == text_question
+        assert answer == twin["conversations"][1]["value"]
+        picture = np.asarray(Image.open(tmp_path / rec["image"]).convert("RGB"))
+        assert picture.shape == (64, 64, 3) and picture.std() > 5
+        if kind == "yesno":
+            answers.append(answer)
+            # the judge finds in the picture the objects the description lists
+            described = twin["conversations"][0]["value"].split("\n", 1)[0]
+            found = detect(Image.open(tmp_path / rec["image"]), include_unknown=False)
+            assert sum(f"{o.color} {o.shape}" in described for o in found) >= 1, (described, found)
+    assert answers == ["Yes", "No"] * 4
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["make_scene_text.py", "--out", str(tmp_path / "bad"), "--pictures", "yesno,cat"])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert e.value.code == 2 and "unknown kind(s) cat" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_answer_margin_auc_and_scores():
     """answer_margin.py: the AUC is the Mann-Whitney probability (ties 1/2), and the embedded model's scores are
     well-formed probabilities over both input modes."""

@@ -15,7 +15,11 @@ pairs as the picture data, another seed) asked about its scene's description ins
     Is there a green star in the scene?                                   -> No
 
 The description names every object (colour + shape) in both orders, so every question type is answerable from
-it: colours, counts, presence, shape, left/right and above/below of objects whose relation is clear."""
+it: colours, counts, presence, shape, left/right and above/below of objects whose relation is clear.
+
+`--pictures yesno,mcq` also writes the same questions about the same scenes over their pictures
+(`scene_pictures.jsonl`, an ordinary understanding source): more picture questions of the kinds the model answers
+from its priors, each with a text twin in the same mixture."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from cheers.eval.shapes import ObjectSpec, SceneSpec, _a, list_phrase, make_sample
+from cheers.eval.shapes import ObjectSpec, SceneSpec, _a, _record, list_phrase, make_sample, render_scene
 
 # Question types answerable from the description (captions are left out: the answer would be the description).
 KINDS = ("yesno", "mcq", "color", "count", "relation")
@@ -65,18 +69,42 @@ def text_twin(kind: str, seed: int, index: int) -> dict:
             "conversations": [{"from": "human", "value": twin_question(s)}, {"from": "gpt", "value": s["answer"]}]}
 
 
-def twins(kind: str, seed: int, n: int) -> list[dict]:
-    """n records of `kind`; yes/no ones exactly balanced and alternating (the train split draws each answer with
-    probability 1/2, and a model stuck on a prior should not find one answer paying off more often)."""
+def twin_indices(kind: str, seed: int, n: int) -> list[int]:
+    """The train-split indices of n samples of `kind`; yes/no ones exactly balanced and alternating (the train split
+    draws each answer with probability 1/2, and a model stuck on a prior should not find one answer paying off more
+    often)."""
     if kind != "yesno":
-        return [text_twin(kind, seed, i) for i in range(n)]
-    by_answer: dict[str, list[dict]] = {"Yes": [], "No": []}
+        return list(range(n))
+    by_answer: dict[str, list[int]] = {"Yes": [], "No": []}
     i = 0
     while len(by_answer["Yes"]) < (n + 1) // 2 or len(by_answer["No"]) < n // 2:
-        rec = text_twin(kind, seed, i)
-        by_answer[rec["conversations"][1]["value"]].append(rec)
+        by_answer[make_sample(kind, seed, "train", i)["answer"]].append(i)
         i += 1
     return [by_answer["Yes" if k % 2 == 0 else "No"][k // 2] for k in range(n)]
+
+
+def twins(kind: str, seed: int, n: int) -> list[dict]:
+    """n text records of `kind` (see `twin_indices`)."""
+    return [text_twin(kind, seed, i) for i in twin_indices(kind, seed, n)]
+
+
+def write_picture_twins(out: Path, kinds: Sequence[str], seed: int, n: int, resolution: int = 64) -> Path:
+    """The same questions about the same scenes, asked over their pictures (an ordinary understanding source,
+    `scene_pictures.jsonl` + PNGs under images/): record k of a kind here is record k of that kind in
+    scene_text.jsonl, so the text and picture forms of one question can be weighted in side by side."""
+    path = out / "scene_pictures.jsonl"
+    tmp = path.with_suffix(".tmp")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for kind in kinds:
+            for i in twin_indices(kind, seed, n):
+                s = make_sample(kind, seed, "train", i)
+                rid = f"scene_pictures_{kind}_{i:06d}"
+                rel = f"images/{rid}.png"
+                render_scene(s["scene"], resolution).save(out / rel, format="PNG")
+                f.write(json.dumps(_record(s, rid, [rel])) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def main() -> None:
@@ -84,7 +112,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/embedded/data")
     ap.add_argument("--n", type=int, default=2000, help="questions per type")
     ap.add_argument("--seed", type=int, default=13, help="train-split seed (the picture data uses 0)")
+    ap.add_argument("--pictures", default="", metavar="KINDS",
+                    help="comma-separated question kinds (of " + ", ".join(KINDS) + ") to write also as picture "
+                         "questions about the same scenes, to scene_pictures.jsonl (default: none)")
+    ap.add_argument("--n-pictures", type=int, default=None, help="picture questions per kind (default: --n)")
     a = ap.parse_args()
+    picture_kinds = [k for k in a.pictures.split(",") if k]
+    bad = [k for k in picture_kinds if k not in KINDS]
+    if bad:
+        ap.error(f"--pictures: unknown kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "scene_text.jsonl"
@@ -94,7 +130,12 @@ def main() -> None:
             for rec in twins(kind, a.seed, a.n):
                 f.write(json.dumps(rec) + "\n")
     tmp.replace(path)
-    print(json.dumps({"file": str(path), "samples": a.n * len(KINDS)}))
+    report = {"file": str(path), "samples": a.n * len(KINDS)}
+    if picture_kinds:
+        n_pic = a.n if a.n_pictures is None else a.n_pictures
+        report["pictures"] = str(write_picture_twins(out, picture_kinds, a.seed, n_pic))
+        report["picture_samples"] = n_pic * len(picture_kinds)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
