@@ -3,7 +3,7 @@
 # -> its fp16 package -> second continued stage from that package -> its fp16 package -> stage 6 (latent-to-pixel
 # decoder trainable, frame-filling single-object curriculum) -> its fp16 package -> stage 8 (a middle rung of the
 # size ladder + the scene-description text twins) -> its fp16 package -> stage 9 (the text twins weighted up)
-# -> fp16 export into the package.
+# -> its fp16 package -> stage 10 (picture twins of the yes/no and MCQ text twins) -> fp16 export into the package.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
@@ -13,6 +13,7 @@
 #   (the shipped model: all 3,000).
 #   STAGE8_STEPS: where stage 8 stops on its 2,800-step schedule (the shipped model: all 2,800).
 #   STAGE9_STEPS: where stage 9 stops on its 1,800-step schedule (the shipped model: all 1,800).
+#   STAGE10_STEPS: where stage 10 stops on its 2,800-step schedule (the shipped model: all 2,800).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -24,6 +25,7 @@ CONTINUE2_STEPS=${CONTINUE2_STEPS:-4000}
 STAGE6_STEPS=${STAGE6_STEPS:-3000}
 STAGE8_STEPS=${STAGE8_STEPS:-2800}
 STAGE9_STEPS=${STAGE9_STEPS:-1800}
+STAGE10_STEPS=${STAGE10_STEPS:-2800}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -57,6 +59,12 @@ $PY scripts/embedded/package.py --export $OUT/stage8/export_step_$STAGE8_STEPS -
 [ -d $OUT/stage9/ckpt/step_$STAGE9_STEPS ] || $CHEERS train scripts/embedded/p12/stage9_text.yaml \
   model.channels_last=true debug.max_steps_this_run=$STAGE9_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/stage9/ckpt/step_$STAGE9_STEPS $OUT/stage9/export_step_$STAGE9_STEPS
-$PY scripts/embedded/package.py --export $OUT/stage9/export_step_$STAGE9_STEPS --dest src/cheers/assets/cheers-shapes
+# stage 10 starts from the fp16 package of stage 9; its picture twins (scene_text.jsonl is rewritten byte-identical)
+$PY scripts/embedded/package.py --export $OUT/stage9/export_step_$STAGE9_STEPS --dest $OUT/stage9/package
+[ -f $OUT/data/scene_pictures.jsonl ] || $PY scripts/embedded/make_scene_text.py --out $OUT/data --pictures yesno,mcq
+[ -d $OUT/stage10/ckpt/step_$STAGE10_STEPS ] || $CHEERS train scripts/embedded/p13/stage10_pictures.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE10_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage10/ckpt/step_$STAGE10_STEPS $OUT/stage10/export_step_$STAGE10_STEPS
+$PY scripts/embedded/package.py --export $OUT/stage10/export_step_$STAGE10_STEPS --dest src/cheers/assets/cheers-shapes
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
