@@ -91,7 +91,8 @@ def twins(kind: str, seed: int, n: int) -> list[dict]:
 def write_picture_twins(out: Path, kinds: Sequence[str], seed: int, n: int, resolution: int = 64) -> Path:
     """The same questions about the same scenes, asked over their pictures (an ordinary understanding source,
     `scene_pictures.jsonl` + PNGs under images/): record k of a kind here is record k of that kind in
-    scene_text.jsonl, so the text and picture forms of one question can be weighted in side by side."""
+    scene_text.jsonl (for k below that file's count), so the text and picture forms of one question can be
+    weighted in side by side."""
     path = out / "scene_pictures.jsonl"
     tmp = path.with_suffix(".tmp")
     (out / "images").mkdir(parents=True, exist_ok=True)
