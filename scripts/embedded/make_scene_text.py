@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from cheers.eval.shapes import ObjectSpec, SceneSpec, _a, _record, list_phrase, make_sample, render_scene
+from cheers.eval.shapes import ObjectSpec, SceneSpec, _a, list_phrase, make_sample, write_record
 
 # Question types answerable from the description (captions are left out: the answer would be the description).
 KINDS = ("yesno", "mcq", "color", "count", "relation")
@@ -62,48 +62,40 @@ def twin_question(sample: dict) -> str:
     return describe(sample["scene"]) + "\n" + question
 
 
-def text_twin(kind: str, seed: int, index: int) -> dict:
+def text_twin(kind: str, index: int, sample: dict) -> dict:
     """The official-format record of understanding sample `index` of `kind` (train split), asked over text."""
-    s = make_sample(kind, seed, "train", index)
     return {"id": f"scene_text_{kind}_{index:06d}",
-            "conversations": [{"from": "human", "value": twin_question(s)}, {"from": "gpt", "value": s["answer"]}]}
+            "conversations": [{"from": "human", "value": twin_question(sample)},
+                              {"from": "gpt", "value": sample["answer"]}]}
 
 
-def twin_indices(kind: str, seed: int, n: int) -> list[int]:
-    """The train-split indices of n samples of `kind`; yes/no ones exactly balanced and alternating (the train split
+def twin_samples(kind: str, seed: int, n: int) -> list[tuple[int, dict]]:
+    """n (train-split index, sample) pairs of `kind`; yes/no ones exactly balanced and alternating (the train split
     draws each answer with probability 1/2, and a model stuck on a prior should not find one answer paying off more
     often)."""
     if kind != "yesno":
-        return list(range(n))
-    by_answer: dict[str, list[int]] = {"Yes": [], "No": []}
+        return [(i, make_sample(kind, seed, "train", i)) for i in range(n)]
+    by_answer: dict[str, list[tuple[int, dict]]] = {"Yes": [], "No": []}
     i = 0
     while len(by_answer["Yes"]) < (n + 1) // 2 or len(by_answer["No"]) < n // 2:
-        by_answer[make_sample(kind, seed, "train", i)["answer"]].append(i)
+        s = make_sample(kind, seed, "train", i)
+        by_answer[s["answer"]].append((i, s))
         i += 1
     return [by_answer["Yes" if k % 2 == 0 else "No"][k // 2] for k in range(n)]
 
 
-def twins(kind: str, seed: int, n: int) -> list[dict]:
-    """n text records of `kind` (see `twin_indices`)."""
-    return [text_twin(kind, seed, i) for i in twin_indices(kind, seed, n)]
-
-
-def write_picture_twins(out: Path, kinds: Sequence[str], seed: int, n: int, resolution: int = 64) -> Path:
+def write_picture_twins(out: Path, samples: dict[str, list[tuple[int, dict]]], resolution: int = 64) -> Path:
     """The same questions about the same scenes, asked over their pictures (an ordinary understanding source,
-    `scene_pictures.jsonl` + PNGs under images/): record k of a kind here is record k of that kind in
-    scene_text.jsonl (for k below that file's count), so the text and picture forms of one question can be
-    weighted in side by side."""
+    `scene_pictures.jsonl` + PNGs under images/): `samples` are `twin_samples` lists by kind, so with the text
+    twins' lists (or their prefixes) record k of a kind here is record k of that kind in scene_text.jsonl, and
+    the text and picture forms of one question can be weighted in side by side."""
     path = out / "scene_pictures.jsonl"
     tmp = path.with_suffix(".tmp")
     (out / "images").mkdir(parents=True, exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:
-        for kind in kinds:
-            for i in twin_indices(kind, seed, n):
-                s = make_sample(kind, seed, "train", i)
-                rid = f"scene_pictures_{kind}_{i:06d}"
-                rel = f"images/{rid}.png"
-                render_scene(s["scene"], resolution).save(out / rel, format="PNG")
-                f.write(json.dumps(_record(s, rid, [rel])) + "\n")
+        for kind, pairs in samples.items():
+            for i, s in pairs:
+                f.write(json.dumps(write_record(out, s, f"scene_pictures_{kind}_{i:06d}", resolution)) + "\n")
     tmp.replace(path)
     return path
 
@@ -126,15 +118,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "scene_text.jsonl"
     tmp = path.with_suffix(".tmp")
+    n_pic = a.n if a.n_pictures is None else a.n_pictures
+    samples = {kind: twin_samples(kind, a.seed, max(a.n, n_pic) if kind in picture_kinds else a.n) for kind in KINDS}
     with open(tmp, "w", encoding="utf-8") as f:
         for kind in KINDS:
-            for rec in twins(kind, a.seed, a.n):
-                f.write(json.dumps(rec) + "\n")
+            for i, s in samples[kind][:a.n]:
+                f.write(json.dumps(text_twin(kind, i, s)) + "\n")
     tmp.replace(path)
     report = {"file": str(path), "samples": a.n * len(KINDS)}
     if picture_kinds:
-        n_pic = a.n if a.n_pictures is None else a.n_pictures
-        report["pictures"] = str(write_picture_twins(out, picture_kinds, a.seed, n_pic))
+        picked = {kind: samples[kind][:n_pic] for kind in picture_kinds}
+        report["pictures"] = str(write_picture_twins(out, picked))
         report["picture_samples"] = n_pic * len(picture_kinds)
     print(json.dumps(report))
 

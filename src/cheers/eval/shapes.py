@@ -39,7 +39,7 @@ __all__ = [
     "SHAPES", "PLURALS", "COLORS", "BACKGROUNDS", "TEXTURES", "SIZES", "HELDOUT_PAIRS", "GEN_SUFFIX",
     "GENERATION_CATEGORIES", "UNDERSTANDING_TYPES", "EDIT_KINDS", "TEXT_KIND", "ALL_KINDS", "SPLITS",
     "ObjectSpec", "SceneSpec", "GenItem", "QAItem", "EditItem",
-    "render_scene", "object_box", "relative_position", "sample_rng", "make_sample", "make_dataset",
+    "render_scene", "object_box", "relative_position", "sample_rng", "make_sample", "write_record", "make_dataset",
     "eval_prompts", "describe_scene", "geneval_metadata",
 ]
 
@@ -867,6 +867,20 @@ def _counts(n_per_kind: int | Mapping[str, int], kinds: Sequence[str] | None) ->
     return {k: int(n_per_kind) for k in kinds}
 
 
+def write_record(out: Path, sample: Mapping[str, Any], rid: str, resolution: int = 64) -> dict[str, Any]:
+    """Render a sample's picture(s) to `out/images/<rid>[_src|_tgt].png` and return its official-format record
+    (image paths relative to `out`; `out/images` must exist)."""
+    scenes = [("", sample["scene"])] if "scene" in sample else []
+    if "source" in sample:
+        scenes = [("_src", sample["source"]), ("_tgt", sample["target"])]
+    images: list[str] = []
+    for suffix, spec in scenes:
+        rel = f"images/{rid}{suffix}.png"
+        render_scene(spec, resolution).save(out / rel, format="PNG")
+        images.append(rel)
+    return _record(sample, rid, images)
+
+
 def make_dataset(out_dir: str | os.PathLike, n_per_kind: int | Mapping[str, int] = 100, seed: int = 0,
                  split: str = "train", resolution: int = 64, kinds: Sequence[str] | None = None,
                  meta: str = "inline", name: str | None = None) -> Path:
@@ -891,15 +905,7 @@ def make_dataset(out_dir: str | os.PathLike, n_per_kind: int | Mapping[str, int]
             for i in range(n):
                 s = make_sample(kind, seed, split, i)
                 rid = f"{name}_{kind}_{i:06d}"
-                images: list[str] = []
-                scenes = [("", s["scene"])] if "scene" in s else []
-                if "source" in s:
-                    scenes = [("_src", s["source"]), ("_tgt", s["target"])]
-                for suffix, spec in scenes:
-                    rel = f"images/{rid}{suffix}.png"
-                    render_scene(spec, resolution).save(out / rel, format="PNG")
-                    images.append(rel)
-                rec = _record(s, rid, images)
+                rec = write_record(out, s, rid, resolution)
                 m = _meta(s)
                 m["resolution"] = resolution
                 if meta == "inline":
