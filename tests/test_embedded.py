@@ -303,3 +303,59 @@ def test_answer_margin_auc_and_scores():
         r = out[mode]
         assert 0 <= r["yesno_auc"] <= 1 and r["yesno_sign_accuracy"] in (0, 0.25, 0.5, 0.75, 1)
         assert r["mcq_restricted_accuracy"] in (0, 0.25, 0.5, 0.75, 1) and 0.2 <= r["mcq_chance"] <= 0.5
+
+
+def test_shape_names_ask_for_a_drawn_shape_by_a_unique_colour_at_every_rung(tmp_path, monkeypatch):
+    """make_shape_names.py: every question names the shape the judge sees in its picture (the only object, or the
+    one object of the asked colour), the rungs have their sizes, the train split has no held-out pair, and
+    --evaluate scores exact shape words per rung."""
+    import json
+    import re
+    import sys
+
+    from PIL import Image
+
+    from cheers.eval.judge import detect
+    from cheers.eval.shapes import HELDOUT_PAIRS, SHAPES
+    from cheers.train.data import Record, parse_record
+
+    mod = _script("make_shape_names")
+    monkeypatch.setattr(sys, "argv", ["make_shape_names.py", "--out", str(tmp_path), "--n", "30,12,12"])
+    mod.main()
+    lines = (tmp_path / "shape_names.jsonl").read_text().splitlines()
+    assert len(lines) == 54
+    sides: dict[str, list[float]] = {"shapes": [], "mid": [], "big": []}
+    multi = 0
+    for k, line in enumerate(lines):
+        rec = json.loads(line)
+        parsed = parse_record(Record(line.encode(), f"shape_names.jsonl:{k + 1}", tmp_path))
+        assert len(parsed.images) == 1 and [r for r, _ in parsed.turns] == ["user", "assistant"]
+        question, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        assert answer in SHAPES
+        dets = detect(Image.open(tmp_path / rec["image"]))
+        assert all((d.shape, d.color) not in HELDOUT_PAIRS for d in dets)
+        colour = re.search(r"(?:the|is) (\w+)(?: object)?\?$", question)
+        if colour and colour.group(1) not in ("shown", "image"):
+            multi += 1
+            (asked,) = [d for d in dets if d.color == colour.group(1)]  # the asked colour is unique in the scene
+        else:
+            (asked,) = dets
+        assert asked.shape == answer, f"{rec['id']}: {question!r} -> {answer!r}, judge sees {asked}"
+        sides[rec["id"].split("_")[3]].append(max(asked.box[2] - asked.box[0], asked.box[3] - asked.box[1]))
+    assert multi >= 10  # most ShapesWorld-rung scenes hold 2-3 objects
+    assert max(sides["shapes"]) < 0.4 and 0.25 < min(sides["mid"]) and max(sides["mid"]) < 0.62
+    assert min(sides["big"]) > 0.4
+
+    class Parrot:  # says the right shape word (capitalised, with a full stop) for even records, a colour for odd ones
+        def answer(self, images, questions, **kw):
+            return ["Circle." if i % 2 == 0 else "red" for i in range(len(questions))]
+
+    monkeypatch.setattr("cheers.pipeline.Cheers.from_pretrained", staticmethod(lambda path: Parrot()))
+    rigged = [json.loads(x) for x in lines]
+    for rec in rigged:
+        rec["conversations"][1]["value"] = "circle"
+    (tmp_path / "shape_names.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rigged))
+    report = mod.evaluate("parrot", tmp_path, batch=54)
+    assert report["n"] == {"shapes": 30, "mid": 12, "big": 12}
+    assert report["accuracy"] == {"shapes": 0.5, "mid": 0.5, "big": 0.5}
+    assert report["said"]["other"] == 27 and report["said"]["circle"] == 27
