@@ -3,7 +3,8 @@
 # -> its fp16 package -> second continued stage from that package -> its fp16 package -> stage 6 (latent-to-pixel
 # decoder trainable, frame-filling single-object curriculum) -> its fp16 package -> stage 8 (a middle rung of the
 # size ladder + the scene-description text twins) -> its fp16 package -> stage 9 (the text twins weighted up)
-# -> its fp16 package -> stage 10 (picture twins of the yes/no and MCQ text twins) -> fp16 export into the package.
+# -> its fp16 package -> stage 10 (picture twins of the yes/no and MCQ text twins) -> its fp16 package -> stage 12
+# (shape-naming questions at three object sizes) -> fp16 export into the package.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
@@ -14,6 +15,7 @@
 #   STAGE8_STEPS: where stage 8 stops on its 2,800-step schedule (the shipped model: all 2,800).
 #   STAGE9_STEPS: where stage 9 stops on its 1,800-step schedule (the shipped model: all 1,800).
 #   STAGE10_STEPS: where stage 10 stops on its 2,800-step schedule (the shipped model: all 2,800).
+#   STAGE12_STEPS: where stage 12 stops on its 4,200-step schedule (the shipped model: all 4,200).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -26,6 +28,7 @@ STAGE6_STEPS=${STAGE6_STEPS:-3000}
 STAGE8_STEPS=${STAGE8_STEPS:-2800}
 STAGE9_STEPS=${STAGE9_STEPS:-1800}
 STAGE10_STEPS=${STAGE10_STEPS:-2800}
+STAGE12_STEPS=${STAGE12_STEPS:-4200}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -65,6 +68,12 @@ $PY scripts/embedded/package.py --export $OUT/stage9/export_step_$STAGE9_STEPS -
 [ -d $OUT/stage10/ckpt/step_$STAGE10_STEPS ] || $CHEERS train scripts/embedded/p13/stage10_pictures.yaml \
   model.channels_last=true debug.max_steps_this_run=$STAGE10_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/stage10/ckpt/step_$STAGE10_STEPS $OUT/stage10/export_step_$STAGE10_STEPS
-$PY scripts/embedded/package.py --export $OUT/stage10/export_step_$STAGE10_STEPS --dest src/cheers/assets/cheers-shapes
+# stage 12 starts from the fp16 package of stage 10 (stage 11 was measured and not shipped); shape-naming questions
+$PY scripts/embedded/package.py --export $OUT/stage10/export_step_$STAGE10_STEPS --dest $OUT/stage10/package
+[ -f $OUT/data/shape_names.jsonl ] || $PY scripts/embedded/make_shape_names.py --out $OUT/data
+[ -d $OUT/stage12/ckpt/step_$STAGE12_STEPS ] || $CHEERS train scripts/embedded/p14/stage12_names.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE12_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage12/ckpt/step_$STAGE12_STEPS $OUT/stage12/export_step_$STAGE12_STEPS
+$PY scripts/embedded/package.py --export $OUT/stage12/export_step_$STAGE12_STEPS --dest src/cheers/assets/cheers-shapes
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
