@@ -82,7 +82,8 @@ def evaluate(model_dir: str, data: Path, batch: int = 25) -> dict[str, Any]:
     from cheers.pipeline import Cheers
 
     model = Cheers.from_pretrained(model_dir)
-    recs = [json.loads(line) for line in open(data / "shape_names.jsonl", encoding="utf-8")]
+    with open(data / "shape_names.jsonl", encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f]
     right: dict[str, list[bool]] = {}
     said = {s: 0 for s in SHAPES + ("other",)}
     for k in range(0, len(recs), batch):
