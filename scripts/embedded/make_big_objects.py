@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cheers.eval.shapes import GEN_ANSWER, GEN_SUFFIX, HELDOUT_PAIRS, SceneSpec, make_sample, render_scene
+from cheers.eval.shapes import HELDOUT_PAIRS, SceneSpec, make_sample, write_record
 
 
 def big_scene(scene: SceneSpec, rng: np.random.Generator, sizes: tuple[float, float] = (0.55, 0.8),
@@ -62,12 +62,9 @@ def main() -> None:
                 s = make_sample(kind, a.seed, "train", i)
                 (obj,) = s["scene"].objects
                 assert (obj.shape, obj.color) not in HELDOUT_PAIRS
-                rid = f"shapes_{a.name}_{kind}_{i:06d}"
-                rel = f"images/{rid}.png"
-                render_scene(big_scene(s["scene"], rng, (a.min_size, a.max_size), a.jitter, a.keep_texture),
-                             a.resolution).save(out / rel, format="PNG")
-                f.write(json.dumps({"id": rid, "image": rel, "conversations": [
-                    {"from": "human", "value": s["prompt"] + GEN_SUFFIX}, {"from": "gpt", "value": GEN_ANSWER}]}) + "\n")
+                big = big_scene(s["scene"], rng, (a.min_size, a.max_size), a.jitter, a.keep_texture)
+                rec = write_record(out, {**s, "scene": big}, f"shapes_{a.name}_{kind}_{i:06d}", a.resolution)
+                f.write(json.dumps(rec) + "\n")
     path.with_suffix(".tmp").replace(path)
     print(json.dumps({"file": str(path), "samples": 2 * a.n}))
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cheers.eval.shapes import IMAGE_PREFIX, SHAPES, SceneSpec, make_sample, render_scene
+from cheers.eval.shapes import IMAGE_PREFIX, SHAPES, SceneSpec, make_sample, write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the size-ladder rungs come from a sibling script
 from make_big_objects import big_scene  # noqa: E402
@@ -66,11 +66,9 @@ def write(out: Path, counts: dict[str, int], seed: int, split: str, resolution: 
             rng = np.random.default_rng([seed, list(RUNGS).index(rung)])
             for i in range(n):
                 spec, question, shape = name_question(rung, i, seed, split, rng)
-                rid = f"shape_names_{split}_{rung}_{i:06d}"
-                rel = f"images/{rid}.png"
-                render_scene(spec, resolution).save(out / rel, format="PNG")
-                f.write(json.dumps({"id": rid, "image": rel, "conversations": [
-                    {"from": "human", "value": IMAGE_PREFIX + question}, {"from": "gpt", "value": shape}]}) + "\n")
+                sample = {"family": "understanding", "scene": spec, "question": question, "answer": shape}
+                rec = write_record(out, sample, f"shape_names_{split}_{rung}_{i:06d}", resolution)
+                f.write(json.dumps(rec) + "\n")
     tmp.replace(path)
     return path
 
