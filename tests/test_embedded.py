@@ -346,6 +346,17 @@ def test_shape_names_ask_for_a_drawn_shape_by_a_unique_colour_at_every_rung(tmp_
     assert max(sides["shapes"]) < 0.4 and 0.25 < min(sides["mid"]) and max(sides["mid"]) < 0.62
     assert min(sides["big"]) > 0.4
 
+    # More data past the written indices goes to its own file and never reuses (overwrites) a picture.
+    before = (tmp_path / "shape_names.jsonl").read_bytes()
+    monkeypatch.setattr(sys, "argv", ["make_shape_names.py", "--out", str(tmp_path), "--n", "10,0,0",
+                                      "--start", "30", "--file", "more.jsonl"])
+    mod.main()
+    more = [json.loads(x) for x in (tmp_path / "more.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in more] == [f"shape_names_train_shapes_{i:06d}" for i in range(30, 40)]
+    assert not {r["image"] for r in more} & {json.loads(x)["image"] for x in lines}
+    assert (tmp_path / "shape_names.jsonl").read_bytes() == before
+    assert all(r["conversations"][1]["value"] in SHAPES for r in more)
+
     class Parrot:  # says the right shape word (capitalised, with a full stop) for even records, a colour for odd ones
         def answer(self, images, questions, **kw):
             return ["Circle." if i % 2 == 0 else "red" for i in range(len(questions))]

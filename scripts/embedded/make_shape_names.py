@@ -14,8 +14,9 @@ gradient. Three rungs, like the generation size ladder (`make_big_objects.py`):
 - `big`: one object at 0.55-0.8 of the side near the centre on a plain background.
 
 Held-out (shape, colour) pairs never appear (the scenes are train-split samples). Writes `shape_names.jsonl`, an
-ordinary understanding source of the official format (PNGs under images/). `--split eval --seed 1` writes the
-held-out set that `--evaluate MODEL` scores (exact match of the shape word, per rung).
+ordinary understanding source of the official format (PNGs under images/); `--start N --file F` writes more questions
+past index N into F (stage 13's extra ShapesWorld-size names). `--split eval --seed 1` writes the held-out set that
+`--evaluate MODEL` scores (exact match of the shape word, per rung).
 """
 
 from __future__ import annotations
@@ -57,14 +58,17 @@ def name_question(rung: str, index: int, seed: int, split: str, rng: np.random.G
     return spec, ONE[int(rng.integers(len(ONE)))], spec.objects[0].shape
 
 
-def write(out: Path, counts: dict[str, int], seed: int, split: str, resolution: int) -> Path:
+def write(out: Path, counts: dict[str, int], seed: int, split: str, resolution: int,
+          name: str = "shape_names.jsonl", start: int = 0) -> Path:
+    """Questions `start .. start + n - 1` of each rung into out/name (images named by rung and index, so sets written
+    with different starts never share a picture)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    path = out / "shape_names.jsonl"
+    path = out / name
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for rung, n in counts.items():
             rng = np.random.default_rng([seed, list(RUNGS).index(rung)])
-            for i in range(n):
+            for i in range(start, start + n):
                 spec, question, shape = name_question(rung, i, seed, split, rng)
                 sample = {"family": "understanding", "scene": spec, "question": question, "answer": shape}
                 rec = write_record(out, sample, f"shape_names_{split}_{rung}_{i:06d}", resolution)
@@ -103,6 +107,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=17, help="data seed (the picture data uses 0)")
     ap.add_argument("--split", default="train", choices=("train", "eval"))
     ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--file", default="shape_names.jsonl", help="jsonl name inside --out")
+    ap.add_argument("--start", type=int, default=0, help="first question index of each rung (more data: past the "
+                    "indices already written)")
     ap.add_argument("--evaluate", metavar="MODEL", help="score MODEL on the set already written in --out")
     a = ap.parse_args()
     out = Path(a.out)
@@ -113,7 +120,7 @@ def main() -> None:
         counts = dict(zip(RUNGS, (int(v) for v in a.n.split(",")), strict=True))
     except ValueError:
         ap.error(f"--n {a.n!r}: expected three integers, shapes,mid,big")
-    print(json.dumps({"file": str(write(out, counts, a.seed, a.split, a.resolution)), "samples": counts}))
+    print(json.dumps({"file": str(write(out, counts, a.seed, a.split, a.resolution, a.file, a.start)), "samples": counts}))
 
 
 if __name__ == "__main__":
