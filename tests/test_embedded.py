@@ -370,3 +370,38 @@ def test_shape_names_ask_for_a_drawn_shape_by_a_unique_colour_at_every_rung(tmp_
     assert report["n"] == {"shapes": 30, "mid": 12, "big": 12}
     assert report["accuracy"] == {"shapes": 0.5, "mid": 0.5, "big": 0.5}
     assert report["said"]["other"] == 27 and report["said"]["circle"] == 27
+
+
+def test_average_exports_interpolates_every_tensor_once(tmp_path):
+    """average_exports.py: each weight is (1 - alpha) * A + alpha * B, the tied embedding / LM head averaged once
+    (not twice), and exports with different tokenizers or alpha outside [0, 1] are refused by name."""
+    import shutil
+
+    import torch
+
+    from cheers.checkpoint import load_model, save_model
+
+    mod = _script("average_exports")
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(EMBEDDED_DIR, a)
+    model = load_model(a)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    save_model(model, b)
+    for name in mod.TOKENIZER_FILES:
+        shutil.copy(a / name, b / name)
+    report = mod.average(a, b, 0.25, tmp_path / "avg")
+    assert report["distance"] > 100  # every parameter moved by ~1 per element
+    sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
+    avg = load_model(tmp_path / "avg").state_dict()
+    assert avg.keys() == sa.keys()
+    for name, t in avg.items():
+        want = 0.75 * sa[name] + 0.25 * sb[name] if t.is_floating_point() else sa[name]  # counters stay as they are
+        torch.testing.assert_close(t, want, rtol=0, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="alpha 1.5"):
+        mod.average(a, b, 1.5, tmp_path / "bad")
+    (b / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="different tokenizers"):
+        mod.average(a, b, 0.5, tmp_path / "bad")
