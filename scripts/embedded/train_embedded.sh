@@ -4,7 +4,8 @@
 # decoder trainable, frame-filling single-object curriculum) -> its fp16 package -> stage 8 (a middle rung of the
 # size ladder + the scene-description text twins) -> its fp16 package -> stage 9 (the text twins weighted up)
 # -> its fp16 package -> stage 10 (picture twins of the yes/no and MCQ text twins) -> its fp16 package -> stage 12
-# (shape-naming questions at three object sizes) -> fp16 export into the package.
+# (shape-naming questions at three object sizes) -> its fp16 package -> stage 13 (more ShapesWorld-size shape names)
+# -> the average of stage 12's and stage 13's exports -> fp16 export into the package.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
@@ -16,6 +17,7 @@
 #   STAGE9_STEPS: where stage 9 stops on its 1,800-step schedule (the shipped model: all 1,800).
 #   STAGE10_STEPS: where stage 10 stops on its 2,800-step schedule (the shipped model: all 2,800).
 #   STAGE12_STEPS: where stage 12 stops on its 4,200-step schedule (the shipped model: all 4,200).
+#   STAGE13_STEPS: where stage 13 stops on its 3,600-step schedule (the shipped model: all 3,600).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -29,6 +31,7 @@ STAGE8_STEPS=${STAGE8_STEPS:-2800}
 STAGE9_STEPS=${STAGE9_STEPS:-1800}
 STAGE10_STEPS=${STAGE10_STEPS:-2800}
 STAGE12_STEPS=${STAGE12_STEPS:-4200}
+STAGE13_STEPS=${STAGE13_STEPS:-3600}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -74,6 +77,16 @@ $PY scripts/embedded/package.py --export $OUT/stage10/export_step_$STAGE10_STEPS
 [ -d $OUT/stage12/ckpt/step_$STAGE12_STEPS ] || $CHEERS train scripts/embedded/p14/stage12_names.yaml \
   model.channels_last=true debug.max_steps_this_run=$STAGE12_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/stage12/ckpt/step_$STAGE12_STEPS $OUT/stage12/export_step_$STAGE12_STEPS
-$PY scripts/embedded/package.py --export $OUT/stage12/export_step_$STAGE12_STEPS --dest src/cheers/assets/cheers-shapes
+# stage 13 starts from the fp16 package of stage 12; 6,000 more ShapesWorld-size naming questions
+$PY scripts/embedded/package.py --export $OUT/stage12/export_step_$STAGE12_STEPS --dest $OUT/stage12/package
+[ -f $OUT/data/shape_names_scenes.jsonl ] || $PY scripts/embedded/make_shape_names.py --out $OUT/data \
+  --n 6000,0,0 --start 3000 --file shape_names_scenes.jsonl
+[ -d $OUT/stage13/ckpt/step_$STAGE13_STEPS ] || $CHEERS train scripts/embedded/p15/stage13_scene_names.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE13_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage13/ckpt/step_$STAGE13_STEPS $OUT/stage13/export_step_$STAGE13_STEPS
+# the shipped weights: the midpoint of stage 12 and stage 13 (stage 13 alone draws worse; p15/RESULTS.md)
+$PY scripts/embedded/average_exports.py --a $OUT/stage12/export_step_$STAGE12_STEPS \
+  --b $OUT/stage13/export_step_$STAGE13_STEPS --alpha 0.5 --dest $OUT/soup50/export
+$PY scripts/embedded/package.py --export $OUT/soup50/export --dest src/cheers/assets/cheers-shapes
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
