@@ -42,8 +42,8 @@ def average(a: Path, b: Path, alpha: float, dest: Path) -> dict[str, float]:
                 if not torch.equal(t, sb[name]):
                     raise ValueError(f"non-float tensor {name} differs between {a} and {b}")
                 continue
-            moved += float((sb[name].float() - t.float()).pow(2).sum())
-            t.copy_(torch.lerp(t.float(), sb[name].float(), alpha).to(t.dtype))
+            moved += float((sb[name] - t).pow(2).sum())  # load_model gives float32: no casts needed
+            t.lerp_(sb[name], alpha)
     dest.mkdir(parents=True, exist_ok=True)
     save_model(ma, dest)
     for name in TOKENIZER_FILES:
