@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 4
+EMA = ("ema.decay=0.5", "ema.start=1")  # an average of the weights that differs from the last ones in 4 steps
 LOSS_RTOL = 1e-5
 NORM_RTOL = 1e-4
 
@@ -170,7 +172,7 @@ def test_ddp_matches_one_process(reference, ddp_run):
 def test_fsdp2_matches_one_process_across_a_resume(setup_dir, reference):
     """FSDP2, stopped after 2 steps (checkpoint of sharded model + optimizer) and resumed: every step matches."""
     out = setup_dir / "fsdp2"
-    common = ("micro_batch_size=1", "distributed.strategy=fsdp2")
+    common = ("micro_batch_size=1", "distributed.strategy=fsdp2", "ckpt.interval=1", *EMA)
     _run(_cmd(setup_dir, out, 2, *common, "debug.max_steps_this_run=2"))
     assert (out / "ckpt" / "latest").read_text().strip() == "step_2"
     _run(_cmd(setup_dir, out, 2, *common, "ckpt.export_final=true") + ["--resume"])
@@ -179,6 +181,19 @@ def test_fsdp2_matches_one_process_across_a_resume(setup_dir, reference):
     from cheers.checkpoint import load_model
 
     load_model(out / "export")  # the consolidated export of a sharded model loads as an official directory
+    # the average, kept per shard and carried through the sharded checkpoint across the resume, is the average of
+    # the weights of steps 1-4 (read back from the sharded checkpoints of every step)
+    from cheers.train.ckpt import load_checkpoint_model
+
+    steps = [{k: v for k, v in load_checkpoint_model(out / "ckpt" / f"step_{s}").state_dict().items()
+              if v.is_floating_point()} for s in range(1, STEPS + 1)]
+    want = steps[0]
+    for w in steps[1:]:
+        want = {k: 0.5 * want[k] + 0.5 * w[k] for k in want}
+    got, plain = load_model(out / "export_ema").state_dict(), load_model(out / "export").state_dict()
+    assert max(float((got[k] - plain[k]).abs().max()) for k in got) > 1e-5  # the average is not the last weights
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-7, rtol=1e-6), k
 
 
 def test_single_process_kill_during_save_then_resume_is_exact(setup_dir, reference):

@@ -661,3 +661,113 @@ def test_vision_stage_refuses_gradient_accumulation_and_other_modules(work, tmp_
     with pytest.raises(TrainConfigError, match="trains the ViT only"):
         E.make_trainer(_vision_config(work, tmp_path / "b", 'trainable.include=["*"]',
                                       'trainable.exclude=["model.vae_model.*"]'))
+
+
+# ---- EMA of the weights -----------------------------------------------------------------------------------------
+
+
+def test_weight_ema_update_start_and_swap():
+    from cheers.train.ema import WeightEMA
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    ema = WeightEMA([("w", p)], decay=0.75, start=1)
+    with torch.no_grad():
+        p.copy_(torch.tensor([5.0, 6.0]))
+    ema.update(1)  # up to `start` the average is the weights themselves
+    assert torch.equal(ema.state_dict()["w"], torch.tensor([5.0, 6.0]))
+    with torch.no_grad():
+        p.copy_(torch.tensor([9.0, 2.0]))
+    ema.update(2)
+    assert torch.allclose(ema.shadow[0], torch.tensor([0.75 * 5 + 0.25 * 9, 0.75 * 6 + 0.25 * 2]))
+    with ema.swapped_in():
+        assert torch.allclose(p, torch.tensor([6.0, 5.0]))
+    assert torch.equal(p.detach(), torch.tensor([9.0, 2.0]))
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA([("w", p)], decay=1.0)
+
+
+def _trained(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("model.vae_model.")}
+
+
+def test_ema_is_the_average_of_the_checkpointed_weights_and_resumes_exactly(work, tmp_path):
+    from cheers.checkpoint import load_model
+    from cheers.train.ckpt import load_checkpoint_model
+
+    decay = 0.5
+    full = tmp_path / "full"
+    ema_cfg = {"decay": decay, "start": 1}
+    tr = E.FlowTrainer(flow_config(work, full, steps=4, ema=ema_cfg, optim={"lr": 2e-3},
+                                   ckpt={"interval": 1, "keep": 0, "export_final": True}))
+    try:
+        tr.fit()
+    finally:
+        tr.close()
+    steps = [_trained(load_checkpoint_model(full / "ckpt" / f"step_{k}")) for k in range(1, 5)]
+    want = dict(steps[0])
+    for w in steps[1:]:
+        want = {n: decay * want[n] + (1 - decay) * w[n] for n in want}
+    got = _trained(load_model(full / "export_ema"))
+    plain = _trained(load_model(full / "export"))
+    assert sorted(got) == sorted(want)
+    moved = max(float((plain[n] - got[n]).abs().max()) for n in got)
+    assert moved > 1e-3  # the average differs from the last weights: the test can tell them apart
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-6, rtol=0), n
+        assert torch.equal(plain[n], steps[-1][n]), n
+    from_ckpt = _trained(load_checkpoint_model(full / "ckpt" / "step_4", ema=True))
+    for n in want:
+        assert torch.equal(from_ckpt[n], got[n]), n
+
+    # stopped after 2 steps and resumed: the average continues bit-identically
+    part = tmp_path / "part"
+    ckpt = {"interval": 2, "keep": 0, "export_final": True}
+    tr = E.FlowTrainer(flow_config(work, part, steps=4, ema=ema_cfg, optim={"lr": 2e-3}, ckpt=ckpt,
+                                   debug={"max_steps_this_run": 2}))
+    try:
+        tr.fit()
+    finally:
+        tr.close()
+    assert not (part / "export_ema").exists()
+    tr = E.FlowTrainer(flow_config(work, part, steps=4, ema=ema_cfg, optim={"lr": 2e-3}, ckpt=ckpt), resume=True)
+    try:
+        tr.fit()
+    finally:
+        tr.close()
+    resumed = _trained(load_model(part / "export_ema"))
+    for n in got:
+        assert torch.equal(resumed[n], got[n]), n
+
+
+def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(work, tmp_path):
+    from cheers.checkpoint import load_model
+    from cheers.train.ckpt import TrainCheckpointError, load_checkpoint_model
+
+    run = tmp_path / "run"
+    ckpt = {"interval": 1, "keep": 0, "export_final": True}
+    tr = E.FlowTrainer(flow_config(work, run, steps=4, ckpt=ckpt, debug={"max_steps_this_run": 2}))
+    try:
+        tr.fit()
+    finally:
+        tr.close()
+    with pytest.raises(TrainCheckpointError, match="no averaged"):
+        load_checkpoint_model(run / "ckpt" / "step_2", ema=True)
+    tr = E.FlowTrainer(flow_config(work, run, steps=4, ckpt=ckpt, ema={"decay": 0.5}), resume=True)
+    try:
+        tr.fit()
+    finally:
+        tr.close()
+    w2, w3, w4 = (_trained(load_checkpoint_model(run / "ckpt" / f"step_{k}")) for k in (2, 3, 4))
+    got = _trained(load_model(run / "export_ema"))
+    for n in got:
+        want = 0.5 * (0.5 * w2[n] + 0.5 * w3[n]) + 0.5 * w4[n]
+        assert torch.allclose(got[n], want, atol=1e-6, rtol=0), n
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "ema_start"] == [2]
+
+
+def test_ema_config_is_checked(work, tmp_path):
+    with pytest.raises(TrainConfigError, match="ema.decay"):
+        flow_config(work, tmp_path / "a", ema={"decay": 1.0})
+    with pytest.raises(TrainConfigError, match="kind 'flow'"):
+        flow_config(work, tmp_path / "b", kind="vae", ema={"decay": 0.9})

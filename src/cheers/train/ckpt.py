@@ -201,10 +201,12 @@ def save_checkpoint(
     keep: int = 0,
     pause_before_commit: float = 0.0,
     on_staged: Callable[[Path], None] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save model + optimizer (DCP) and this rank's `trainer_state`, atomically. Collective: every rank calls it.
 
-    `write_files(tmp_dir)` (rank 0) adds side files (config, tokenizer). `keep` > 0 prunes older step
+    `write_files(tmp_dir)` (rank 0) adds side files (config, tokenizer). `ema` (parameter name -> averaged weight)
+    is saved under the key "ema". `keep` > 0 prunes older step
     directories. `pause_before_commit` / `on_staged` exist for crash tests (a kill between staging and commit).
     """
     ckpt_dir = Path(ckpt_dir)
@@ -218,8 +220,11 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier(info)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema
     with _single_process_ok():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not info.distributed)
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not info.distributed)
     _write_json(tmp / f"trainer_state_rank{info.rank}.json", trainer_state)
     if info.is_main and write_files is not None:
         write_files(tmp)
@@ -250,10 +255,22 @@ def save_checkpoint(
 # ---- loading ----------------------------------------------------------------------------------------------------
 
 
+def saved_keys(path: str | os.PathLike) -> set[str]:
+    """The flattened tensor keys of a training checkpoint ("model.<fqn>", "optim.state.<fqn>.<name>", "ema.<fqn>")."""
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def has_ema(path: str | os.PathLike) -> bool:
+    return any(k.startswith("ema.") for k in saved_keys(path))
+
+
 def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Load model + optimizer into the (wrapped) model and return this rank's trainer state."""
+    """Load model + optimizer into the (wrapped) model and return this rank's trainer state. `ema` (parameter
+    name -> tensor, e.g. `WeightEMA.state_dict()`) is filled in place from the checkpoint's averaged weights; the
+    caller checks `has_ema` first."""
     path = Path(path)
     state_file = path / f"trainer_state_rank{info.rank}.json"
     if not state_file.is_file():
@@ -266,11 +283,17 @@ def load_checkpoint(
     # Trainable parameters that never received a gradient before the save (e.g. a module no batch used) have no
     # AdamW state in the checkpoint; get_state_dict just created zero state for them. Drop those entries so the
     # loaded optimizer matches the saved one exactly (AdamW skips parameters without gradient either way).
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved = saved_keys(path)
     for fqn in list(optim_sd.get("state", {})):
         if not any(k.startswith(f"optim.state.{fqn}.") for k in saved):
             del optim_sd["state"][fqn]
     state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        missing = [n for n in ema if f"ema.{n}" not in saved]
+        if missing:
+            raise TrainCheckpointError(f"{path}: no averaged (EMA) weights for {len(missing)} trainable "
+                                       f"parameter(s), e.g. {missing[0]}; the checkpoint trained other parameters")
+        state["ema"] = ema
     with _single_process_ok():
         dcp.load(state, checkpoint_id=str(path), no_dist=not info.distributed)
     # dcp.load above already required every model tensor to be present; strict=False only lets the optimizer
@@ -292,8 +315,9 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def load_checkpoint_model(step: str | os.PathLike) -> nn.Module:
-    """A `CheersModel` built from a training checkpoint's `config.json` with its weights (train mode, as built)."""
+def load_checkpoint_model(step: str | os.PathLike, ema: bool = False) -> nn.Module:
+    """A `CheersModel` built from a training checkpoint's `config.json` with its weights (train mode, as built);
+    with `ema`, the trained parameters hold the checkpoint's averaged weights instead."""
     from cheers.config import CheersConfig
     from cheers.model.cheers import CheersModel
     from cheers.train.settings import read_raw
@@ -304,6 +328,20 @@ def load_checkpoint_model(step: str | os.PathLike) -> nn.Module:
                                    f"from that run's export/ directory instead")
     model = CheersModel(CheersConfig.from_json_file(Path(step) / "config.json"))
     load_model_weights(step, model)
+    if ema:
+        names = sorted(k[len("ema."):] for k in saved_keys(step) if k.startswith("ema."))
+        if not names:
+            raise TrainCheckpointError(f"{step} holds no averaged (EMA) weights: the run had ema.decay = 0")
+        params = dict(model.named_parameters())
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise TrainCheckpointError(f"{step}: EMA entry {unknown[0]} is not a parameter of the model")
+        state = {"ema": {n: params[n].data for n in names}}
+        import torch.distributed as dist
+
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(step), no_dist=not (dist.is_available() and dist.is_initialized()))
+        model.tie_weights()
     return model
 
 

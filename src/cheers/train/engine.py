@@ -467,6 +467,7 @@ class RunBase:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier(self.info)
         self.step = 0
+        self.ema = None  # set by _setup_optimizer when ema.decay > 0
         self.stop_at = cfg.steps  # where this run stops (set by timed_steps)
         self.counters = {"nan_skipped_steps": 0, "bad_samples": 0, "samples": 0, "tokens": 0}
         self.log = MetricLogger(self.out, enabled=self.info.is_main, tensorboard=cfg.log.tensorboard,
@@ -492,6 +493,13 @@ class RunBase:
         self.optimizer = build_optimizer(module, self.cfg.optim)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.schedule = LRSchedule.for_run(self.optimizer, self.cfg)
+        self.ema = None
+        if self.cfg.ema.decay > 0:
+            from cheers.train.ema import WeightEMA
+
+            # names of the unwrapped model: the same under every strategy, so checkpoints stay portable
+            self.ema = WeightEMA([(n, p) for n, p in self.base.named_parameters() if p.requires_grad],
+                                 self.cfg.ema.decay, self.cfg.ema.start)
 
     def _start(self, origin: str, **fields: Any) -> None:
         """Log the start event, keep the resolved config beside the run and resume if asked: the last step of
@@ -516,6 +524,8 @@ class RunBase:
             self.schedule.step_count = self.step
             self.schedule.apply()
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
 
@@ -556,18 +566,29 @@ class RunBase:
             pause_before_commit=dbg.ckpt_pause_seconds
             if dbg.ckpt_pause_at_step is None or dbg.ckpt_pause_at_step == self.step else 0.0,
             on_staged=lambda p: self.log.event("checkpoint_staged", step=self.step, path=str(p)),
+            ema=self.ema.state_dict() if self.ema is not None else None,
         )
         self.log.event("checkpoint", step=self.step, path=str(path))
         return path
 
     def load(self, path: Path) -> None:
-        state = ckpt_io.load_checkpoint(path, self.model, self.optimizer, self.info)
+        with_ema = self.ema is not None and ckpt_io.has_ema(path)
+        state = ckpt_io.load_checkpoint(path, self.model, self.optimizer, self.info,
+                                        ema=self.ema.state_dict() if with_ema else None)
         self.restore_trainer_state(state)
         self.log.event("resume", step=self.step, path=str(path))
+        if self.ema is not None and not with_ema:
+            self.ema.reset_to_weights()  # EMA switched on for a run whose checkpoint has none: start it here
+            self.log.event("ema_start", step=self.step, detail="the checkpoint has no EMA; averaging from here")
 
     def export(self) -> Path | None:
         path = ckpt_io.export_model(self.model, self.base, self.out / "export", self.info, self.tokenizer)
         self.log.event("export", step=self.step, path=str(path))
+        if self.ema is not None and self.cfg.ema.export:
+            with self.ema.swapped_in():
+                ema_path = ckpt_io.export_model(self.model, self.base, self.out / "export_ema", self.info,
+                                                self.tokenizer)
+            self.log.event("export", step=self.step, path=str(ema_path), weights="ema")
         return path
 
     def timed_steps(self) -> Iterator[tuple[Any, float]]:

@@ -137,6 +137,15 @@ class VisionSection:
 
 
 @dataclass
+class EMASection:
+    """Exponential moving average of the trainable weights (kind flow), exported beside the plain weights."""
+
+    decay: float = 0.0  # 0 = off; otherwise the per-step decay (0.998: an average over the last ~500 steps)
+    start: int = 0  # the average starts after this step (before it, it is the weights themselves)
+    export: bool = True  # with decay > 0, also write <output_dir>/export_ema at the end
+
+
+@dataclass
 class DistributedSection:
     strategy: str = "none"  # none | ddp | fsdp2  (under torchrun; plain python runs one process)
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
@@ -188,6 +197,7 @@ class TrainConfig:
     latents: LatentsSection = field(default_factory=LatentsSection)
     vae: VAESection = field(default_factory=VAESection)
     vision: VisionSection = field(default_factory=VisionSection)
+    ema: EMASection = field(default_factory=EMASection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     log: LogSection = field(default_factory=LogSection)
     ckpt: CkptSection = field(default_factory=CkptSection)
@@ -236,6 +246,12 @@ class TrainConfig:
             problems.append(f"data.cfg_dropout: must be in [0, 1] (got {self.data.cfg_dropout})")
         if self.vision.text_layers < 1 or self.vision.max_text_tokens < 1 or self.vision.min_text_words < 1:
             problems.append(f"vision: text_layers, max_text_tokens and min_text_words must be >= 1 (got {self.vision})")
+        if not 0.0 <= self.ema.decay < 1.0:
+            problems.append(f"ema.decay: must be in [0, 1) (got {self.ema.decay})")
+        if self.ema.start < 0:
+            problems.append(f"ema.start: must be >= 0 (got {self.ema.start})")
+        if self.ema.decay > 0 and self.kind != "flow":
+            problems.append(f"ema: only kind 'flow' keeps an average of its weights (got kind '{self.kind}')")
         if self.log.interval < 1:
             problems.append(f"log.interval: must be >= 1 (got {self.log.interval})")
         if self.ckpt.interval < 0:
