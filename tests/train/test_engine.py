@@ -686,6 +686,14 @@ def test_weight_ema_update_start_and_swap():
         WeightEMA([("w", p)], decay=1.0)
 
 
+def _fit(cfg, resume: bool = False) -> None:
+    tr = E.FlowTrainer(cfg, resume=resume)
+    try:
+        tr.fit()
+    finally:
+        tr.close()
+
+
 def _trained(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("model.vae_model.")}
 
@@ -697,12 +705,8 @@ def test_ema_is_the_average_of_the_checkpointed_weights_and_resumes_exactly(work
     decay = 0.5
     full = tmp_path / "full"
     ema_cfg = {"decay": decay, "start": 1}
-    tr = E.FlowTrainer(flow_config(work, full, steps=4, ema=ema_cfg, optim={"lr": 2e-3},
-                                   ckpt={"interval": 1, "keep": 0, "export_final": True}))
-    try:
-        tr.fit()
-    finally:
-        tr.close()
+    _fit(flow_config(work, full, steps=4, ema=ema_cfg, optim={"lr": 2e-3},
+                     ckpt={"interval": 1, "keep": 0, "export_final": True}))
     steps = [_trained(load_checkpoint_model(full / "ckpt" / f"step_{k}")) for k in range(1, 5)]
     want = dict(steps[0])
     for w in steps[1:]:
@@ -722,18 +726,10 @@ def test_ema_is_the_average_of_the_checkpointed_weights_and_resumes_exactly(work
     # stopped after 2 steps and resumed: the average continues bit-identically
     part = tmp_path / "part"
     ckpt = {"interval": 2, "keep": 0, "export_final": True}
-    tr = E.FlowTrainer(flow_config(work, part, steps=4, ema=ema_cfg, optim={"lr": 2e-3}, ckpt=ckpt,
-                                   debug={"max_steps_this_run": 2}))
-    try:
-        tr.fit()
-    finally:
-        tr.close()
+    _fit(flow_config(work, part, steps=4, ema=ema_cfg, optim={"lr": 2e-3}, ckpt=ckpt,
+                     debug={"max_steps_this_run": 2}))
     assert not (part / "export_ema").exists()
-    tr = E.FlowTrainer(flow_config(work, part, steps=4, ema=ema_cfg, optim={"lr": 2e-3}, ckpt=ckpt), resume=True)
-    try:
-        tr.fit()
-    finally:
-        tr.close()
+    _fit(flow_config(work, part, steps=4, ema=ema_cfg, optim={"lr": 2e-3}, ckpt=ckpt), resume=True)
     resumed = _trained(load_model(part / "export_ema"))
     for n in got:
         assert torch.equal(resumed[n], got[n]), n
@@ -745,18 +741,10 @@ def test_ema_switched_on_at_resume_starts_from_the_resumed_weights(work, tmp_pat
 
     run = tmp_path / "run"
     ckpt = {"interval": 1, "keep": 0, "export_final": True}
-    tr = E.FlowTrainer(flow_config(work, run, steps=4, ckpt=ckpt, debug={"max_steps_this_run": 2}))
-    try:
-        tr.fit()
-    finally:
-        tr.close()
+    _fit(flow_config(work, run, steps=4, ckpt=ckpt, debug={"max_steps_this_run": 2}))
     with pytest.raises(TrainCheckpointError, match="no averaged"):
         load_checkpoint_model(run / "ckpt" / "step_2", ema=True)
-    tr = E.FlowTrainer(flow_config(work, run, steps=4, ckpt=ckpt, ema={"decay": 0.5}), resume=True)
-    try:
-        tr.fit()
-    finally:
-        tr.close()
+    _fit(flow_config(work, run, steps=4, ckpt=ckpt, ema={"decay": 0.5}), resume=True)
     w2, w3, w4 = (_trained(load_checkpoint_model(run / "ckpt" / f"step_{k}")) for k in (2, 3, 4))
     got = _trained(load_model(run / "export_ema"))
     for n in got:

@@ -304,14 +304,18 @@ def load_checkpoint(
         return json.load(f)
 
 
-def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
-    """Model weights only (a later stage starting from an earlier stage's training checkpoint)."""
+def _load_in_place(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """dcp.load of part of a checkpoint outside a run's own save/load (collective only if a process group exists)."""
     import torch.distributed as dist
 
-    sd = get_model_state_dict(model)
-    state = {"model": sd}
     with _single_process_ok():
         dcp.load(state, checkpoint_id=str(path), no_dist=not (dist.is_available() and dist.is_initialized()))
+
+
+def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    """Model weights only (a later stage starting from an earlier stage's training checkpoint)."""
+    state = {"model": get_model_state_dict(model)}
+    _load_in_place(state, path)
     set_model_state_dict(model, state["model"])
 
 
@@ -336,11 +340,7 @@ def load_checkpoint_model(step: str | os.PathLike, ema: bool = False) -> nn.Modu
         unknown = [n for n in names if n not in params]
         if unknown:
             raise TrainCheckpointError(f"{step}: EMA entry {unknown[0]} is not a parameter of the model")
-        state = {"ema": {n: params[n].data for n in names}}
-        import torch.distributed as dist
-
-        with _single_process_ok():
-            dcp.load(state, checkpoint_id=str(step), no_dist=not (dist.is_available() and dist.is_initialized()))
+        _load_in_place({"ema": {n: params[n].data for n in names}}, step)
         model.tie_weights()
     return model
 

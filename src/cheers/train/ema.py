@@ -37,15 +37,16 @@ class WeightEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the weights after optimizer step `step` (1-based)."""
+        if step <= self.start:
+            self.reset_to_weights()
+            return
         for s, p in zip(self.shadow, self.params):
-            if step <= self.start:
-                _local(s).copy_(_local(p))
-            else:
-                _local(s).lerp_(_local(p).float(), 1.0 - self.decay)
+            _local(s).lerp_(_local(p).float(), 1.0 - self.decay)
 
     @torch.no_grad()
     def reset_to_weights(self) -> None:
-        """Restart the average at the current weights (a resume from a checkpoint written without an EMA)."""
+        """Restart the average at the current weights (before `start`, or on a resume from a checkpoint written
+        without an EMA)."""
         for s, p in zip(self.shadow, self.params):
             _local(s).copy_(_local(p))
 

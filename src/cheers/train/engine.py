@@ -493,7 +493,6 @@ class RunBase:
         self.optimizer = build_optimizer(module, self.cfg.optim)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.schedule = LRSchedule.for_run(self.optimizer, self.cfg)
-        self.ema = None
         if self.cfg.ema.decay > 0:
             from cheers.train.ema import WeightEMA
 
