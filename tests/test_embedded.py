@@ -405,3 +405,53 @@ def test_average_exports_interpolates_every_tensor_once(tmp_path):
     (b / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="different tokenizers"):
         mod.average(a, b, 0.5, tmp_path / "bad")
+
+
+def test_transplant_to_16_tokens_keeps_the_llm_and_head_and_resizes_the_vit(tmp_path):
+    """scripts/embedded/p17/transplant.py: the 4-token model's LLM / head weights land unchanged in a 16-token model,
+    the VAE is the given factor-4 one, and the resized 8 px patch kernel sees a patch exactly as the 16 px kernel sees
+    the picture upsampled 2x."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+
+    from cheers.checkpoint import load_model, save_model
+    from cheers.config import preset
+    from cheers.model.cheers import CheersModel
+
+    mod = _script("p17/transplant")
+    donor = load_model(EMBEDDED_DIR)
+    cfg = preset("cheers-small-p8")
+    cfg.tokens = donor.config.tokens
+    cfg.text.vocab_size = donor.config.text.vocab_size
+    torch.manual_seed(0)
+    vae_dir = tmp_path / "vae"
+    save_model(CheersModel(cfg.validate()), vae_dir)
+    for name in mod.TOKENIZER_FILES:
+        shutil.copy(EMBEDDED_DIR / name, vae_dir / name)
+    counts = mod.transplant(EMBEDDED_DIR, vae_dir, tmp_path / "out")
+    assert counts["resized"] == 2 and counts["copied"] > 100 and counts["kept_from_vae"] > 100
+    out, vae, src = load_model(tmp_path / "out"), load_model(vae_dir).state_dict(), donor.state_dict()
+    assert out.config.name == "cheers-small-p8"
+    for name, t in out.state_dict().items():
+        if name.startswith(mod.FROM_VAE):
+            assert torch.equal(t, vae[name]), name
+        elif name not in (mod.PATCH, mod.POSITIONS):
+            assert torch.equal(t, src[name]), name
+    x = torch.randn(2, 3, 64, 64)
+    w8, w16 = out.state_dict()[mod.PATCH], src[mod.PATCH]
+    assert w8.shape[-1] == 8 and w16.shape[-1] == 16
+    up = F.interpolate(x, scale_factor=2, mode="nearest")
+    torch.testing.assert_close(F.conv2d(x, w8, stride=8), F.conv2d(up, w16, stride=16), rtol=1e-4, atol=1e-4)
+    # a position table linear in (row, col) stays linear inside the grid after the bilinear resize
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    table = torch.stack([rows.flatten(), cols.flatten()], dim=1) * 2.0 + 1.0
+    big = mod.resize_positions(table, 8).reshape(8, 8, 2)
+    coord = (torch.arange(8.0) + 0.5) / 2 - 0.5  # where output cell i samples the 4x4 grid
+    inner = slice(1, 7)
+    torch.testing.assert_close(big[inner, inner, 0], (coord[inner, None] * 2 + 1).expand(6, 6))
+    torch.testing.assert_close(big[inner, inner, 1], (coord[None, inner] * 2 + 1).expand(6, 6))
+    (vae_dir / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        mod.transplant(EMBEDDED_DIR, vae_dir, tmp_path / "bad")

@@ -113,6 +113,71 @@ def test_samplers_and_guidance_options(tiny):
         cheers.generate_image(["a cat"], sampler="rk9", steps=2)
 
 
+def test_guidance_interval_guides_only_inside_it_and_skips_the_unconditional_rows_outside(tiny):
+    from cheers import sampling as S
+
+    cheers, kw = tiny, dict(seed=1, steps=4, cfg_scale=3.0, shift=1.0)
+    as_int = lambda im: np.asarray(im).astype(int)  # noqa: E731
+    full = as_int(cheers.generate_image(["a red circle"], **kw)[0])
+    assert np.array_equal(full, as_int(cheers.generate_image(["a red circle"], cfg_interval=(0.0, 1.0), **kw)[0]))
+    # an interval between the grid points (0, 1/3, 2/3, 1) guides no step: the unguided picture
+    never = as_int(cheers.generate_image(["a red circle"], cfg_interval=(0.4, 0.5), **kw)[0])
+    plain = as_int(cheers.generate_image(["a red circle"], seed=1, steps=4, cfg_scale=1.0, shift=1.0)[0])
+    assert np.abs(never - plain).max() <= 1 and np.abs(never - full).max() > 10
+    # a mixed interval equals always running both rows and keeping the conditional velocity outside it
+    m, tk = cheers.model, cheers.config.tokens
+    rows = [cheers._tok().encode_prompt("a red circle", task="t2i")]
+    ids, mask = S.left_pad(rows + S.cfg_rows(rows, {tk.img_start, tk.img_end}, tk.no_mean), tk.pad)
+    torch.manual_seed(0)
+    lat = torch.randn(1, m.config.latent_channels, m.config.grid, m.config.grid)
+    x0 = torch.randn_like(lat)
+    grid = S.time_grid(4)
+    both = S.GuidedVelocity(m, S.prefill(m, ids, mask, torch.cat([lat, lat])), 3.0, True, trace=[])
+
+    def reference(x, t, commit=False):
+        out = both(x, t, commit)
+        return out if 0.3 <= t <= 0.7 else both.trace[-1]["v"][:1]
+
+    fast = S.GuidedVelocity(m, S.prefill(m, ids, mask, torch.cat([lat, lat])), 3.0, True, trace=[], interval=(0.3, 0.7))
+    torch.testing.assert_close(S.integrate(fast, x0, grid), S.integrate(reference, x0, grid), rtol=1e-4, atol=1e-5)
+    assert [bool(s["guided"]) for s in fast.trace] == [False, True, True, False]
+    assert [s["v"].shape[0] for s in fast.trace] == [1, 2, 2, 1]  # unguided steps run the conditional row only
+    for bad, msg in [((0.7, 0.2), "0 <= lo <= hi <= 1"), ((0.1, 1.5), "0 <= lo <= hi <= 1"), (0.5, "two numbers")]:
+        with pytest.raises(ValueError, match=msg):
+            cheers.generate_image(["a cat"], steps=2, cfg_interval=bad)
+
+
+def test_guidance_interval_default_comes_from_generation_config(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from cheers.checkpoint import CheckpointError
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "generation_config.json").write_text(json.dumps({"cheers": {"image": {"cfg_interval": [0.2, 0.8]}}}))
+    assert Cheers.from_pretrained(d).image_defaults.cfg_interval == (0.2, 0.8)
+    (d / "generation_config.json").write_text(json.dumps({"cheers": {"image": {"cfg_interval": [0.8, 0.2]}}}))
+    with pytest.raises(CheckpointError, match=r"generation_config.json: cheers.image.cfg_interval \(0.8, 0.2\)"):
+        Cheers.from_pretrained(d)
+
+
+def test_cli_generate_takes_a_guidance_interval(tiny, tiny_model_dir, tmp_path, capsys):
+    from cheers.cli import main
+
+    out = tmp_path / "a.png"
+    args = ["generate", "a red circle", "--model", str(tiny_model_dir), "--steps", "4", "--cfg", "3", "--shift", "1",
+            "--seed", "1", "--no-progress", "-o", str(out)]
+    assert main(args + ["--cfg-interval", "0.4,0.5"]) == 0
+    plain = tiny.generate_image(["a red circle"], seed=1, steps=4, cfg_scale=1.0, shift=1.0)[0]
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - np.asarray(plain).astype(int)).max() <= 1
+    with pytest.raises(SystemExit):
+        main(args + ["--cfg-interval", "0.4"])
+    assert "expected LO,HI" in capsys.readouterr().err
+    assert main(args + ["--cfg-interval", "0.9,0.1"]) != 0
+    assert "0 <= lo <= hi <= 1" in capsys.readouterr().err
+
+
 def test_text_sampling_options(tiny):
     cheers = tiny
     msgs = [{"role": "user", "content": "Tell me a story."}]

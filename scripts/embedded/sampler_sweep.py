@@ -1,4 +1,5 @@
-"""Text-to-image scores of one model over a grid of sampling settings (CFG scale, time shift, steps, sampler).
+"""Text-to-image scores of one model over a grid of sampling settings (CFG scale, time shift, steps, sampler,
+guidance interval).
 
 The sampling defaults of the embedded model's `generation_config.json` were never tuned. Tune them on a seed the
 reported scores do not use (default 2; the model card reports seed 1), then measure the pick on seed 1 once.
@@ -6,6 +7,7 @@ Prints one JSON line per setting (GenEval-rule accuracy overall and per category
 writes them all to --out.
 
     python scripts/embedded/sampler_sweep.py --model DIR --cfg 2,3,5 --shift 0.5,1,2 --n 20
+    python scripts/embedded/sampler_sweep.py --model DIR --cfg 3,5 --interval "0:1;0.1:0.7"
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ def _floats(s: str) -> list[float]:
     return [float(v) for v in s.split(",") if v]
 
 
+def _intervals(s: str) -> list[tuple[float, float]]:
+    """ "lo:hi;lo:hi" -> [(lo, hi), ...]"""
+    out = []
+    for part in s.split(";"):
+        if part:
+            lo, _, hi = part.partition(":")
+            out.append((float(lo), float(hi)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -31,6 +43,7 @@ def main() -> None:
     ap.add_argument("--shift", default="1", help="comma-separated time shifts (< 1: more steps near the noise)")
     ap.add_argument("--steps", default="20", help="comma-separated step counts")
     ap.add_argument("--sampler", default="euler", help="comma-separated samplers")
+    ap.add_argument("--interval", default="0:1", help='guidance intervals "lo:hi;lo:hi" (t = 0 is noise)')
     ap.add_argument("--n", type=int, default=20, help="prompts per ShapesBench category")
     ap.add_argument("--seed", type=int, default=2, help="tuning seed (keep it off the reported seed 1)")
     ap.add_argument("--batch", type=int, default=40)
@@ -38,10 +51,10 @@ def main() -> None:
     a = ap.parse_args()
     model = Cheers.from_pretrained(a.model)
     grid = itertools.product(_floats(a.cfg), _floats(a.shift), [int(v) for v in _floats(a.steps)],
-                             [s for s in a.sampler.split(",") if s])
+                             [s for s in a.sampler.split(",") if s], _intervals(a.interval))
     rows = []
-    for cfg, shift, steps, sampler in grid:
-        kw = {"cfg_scale": cfg, "shift": shift, "steps": steps, "sampler": sampler}
+    for cfg, shift, steps, sampler, interval in grid:
+        kw = {"cfg_scale": cfg, "shift": shift, "steps": steps, "sampler": sampler, "cfg_interval": interval}
         with tempfile.TemporaryDirectory() as tmp:
             rep = evaluate_shapes(model, n=a.n, seed=a.seed, out_dir=tmp, batch_size=a.batch, gen_kw=kw,
                                   tasks=("generation",), verbose=False, save_images=False)

@@ -27,10 +27,20 @@ def _add_image_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=float, default=None, help="time shift a of the sampling grid (reference 0.5)")
     p.add_argument("--sampler", default=None, choices=["euler", "heun", "midpoint"],
                    help="ODE sampler: euler (reference) or a second-order one")
+    p.add_argument("--cfg-interval", type=_interval, default=None, metavar="LO,HI",
+                   help="guide only for LO <= t <= HI (t = 0 is noise; default: the model's, 0,1 = every step)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--batch", type=int, default=16, help="images per model call")
     p.add_argument("-o", "--output", default="cheers-out", help="output PNG file (one image) or directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar over denoising steps")
+
+
+def _interval(s: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}': expected LO,HI, two numbers such as 0.1,0.8") from None
+    return lo, hi
 
 
 def _add_text_opts(p: argparse.ArgumentParser) -> None:
@@ -81,7 +91,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     c = _load(a)
     prompts = [p for p in prompts for _ in range(a.n)]
     images = c.generate_image(prompts, seed=a.seed, steps=a.steps, cfg_scale=a.cfg, shift=a.shift,
-                              sampler=a.sampler, batch_size=a.batch, progress=not a.no_progress)
+                              sampler=a.sampler, batch_size=a.batch, progress=not a.no_progress,
+                              cfg_interval=a.cfg_interval)
     for path in _save_images(images, a.output, "image"):
         print(path)
     return 0
@@ -90,7 +101,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_edit(a: argparse.Namespace) -> int:
     c = _load(a)
     images = c.edit([a.image] * len(a.instruction), a.instruction, seed=a.seed, steps=a.steps, cfg_scale=a.cfg,
-                    shift=a.shift, sampler=a.sampler, batch_size=a.batch, progress=not a.no_progress)
+                    shift=a.shift, sampler=a.sampler, batch_size=a.batch, progress=not a.no_progress,
+                    cfg_interval=a.cfg_interval)
     for path in _save_images(images, a.output, "edit"):
         print(path)
     return 0

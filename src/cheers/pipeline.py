@@ -40,6 +40,7 @@ class ImageDefaults:
     shift: float = 0.5
     sampler: str = "euler"
     edit_start: float = 0.1
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for lo <= t <= hi (t = 0 is noise)
 
 
 @dataclass
@@ -150,8 +151,8 @@ class Cheers:
     @torch.no_grad()
     def generate_image(self, prompts: str | Sequence[str], seed: int | Sequence[int] = 0, steps: int | None = None,
                        cfg_scale: float | None = None, shift: float | None = None, sampler: str | None = None,
-                       batch_size: int = 16, progress: bool = False,
-                       noise: torch.Tensor | None = None) -> list[Image.Image]:
+                       batch_size: int = 16, progress: bool = False, noise: torch.Tensor | None = None,
+                       cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
         """One image per prompt. `seed` is an int (image i uses seed + i) or one seed per prompt; it draws the
         initial latent noise (unless `noise` [N, c_lat, g, g] is given) and the prompt's dummy noise picture."""
         prompts = _as_list(prompts)
@@ -165,7 +166,7 @@ class Cheers:
             lat = self._latents(self._row_images(rows[sl], seeds[sl]))
             x = S.noise(self._latent_shape(), seeds[sl], self.device) if noise is None else noise[sl].to(self.device)
             out += self._sample(rows[sl], lat, x, t0=0.0, steps=steps, cfg_scale=cfg_scale, shift=shift,
-                                sampler=sampler, progress=progress)
+                                sampler=sampler, progress=progress, cfg_interval=cfg_interval)
         return out
 
     def _latent_shape(self) -> tuple[int, int, int]:
@@ -181,8 +182,10 @@ class Cheers:
 
     def _sample(self, rows: list[list[int]], latents: torch.Tensor, x: torch.Tensor, t0: float,
                 steps: int | None, cfg_scale: float | None, shift: float | None, sampler: str | None,
-                progress: bool, edit: bool = False) -> list[Image.Image]:
+                progress: bool, edit: bool = False,
+                cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
         d = self.image_defaults
+        lo, hi = _interval(d.cfg_interval if cfg_interval is None else cfg_interval)
         steps = d.steps if steps is None else int(steps)
         cfg_scale = d.cfg_scale if cfg_scale is None else float(cfg_scale)
         shift = d.shift if shift is None else float(shift)
@@ -197,7 +200,7 @@ class Cheers:
         all_lat = torch.cat([latents, latents]) if guided else latents
         with self._autocast():
             prefix = self._prefill(all_rows, all_lat)
-            velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided)
+            velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided, interval=(float(lo), float(hi)))
             grid = S.time_grid(steps, shift, t0=t0)
             bar = None
             if progress:
@@ -216,7 +219,8 @@ class Cheers:
     def edit(self, images: ImageLike | Sequence[ImageLike], instructions: str | Sequence[str],
              seed: int | Sequence[int] = 0, steps: int | None = None, cfg_scale: float | None = None,
              shift: float | None = None, sampler: str | None = None, batch_size: int = 16,
-             progress: bool = False, noise: torch.Tensor | None = None) -> list[Image.Image]:
+             progress: bool = False, noise: torch.Tensor | None = None,
+             cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
         """Edit each source image by its instruction (spec §E.3): start at t0 = 0.1 from 0.1 z + 0.9 noise."""
         images, instructions = _as_list(images), _as_list(instructions)
         if len(images) != len(instructions):
@@ -234,7 +238,7 @@ class Cheers:
             eps = S.noise(self._latent_shape(), seeds[sl], self.device) if noise is None else noise[sl].to(self.device)
             x = t0 * z + (1 - t0) * eps
             out += self._sample(rows[sl], z, x, t0=t0, steps=steps, cfg_scale=cfg_scale, shift=shift,
-                                sampler=sampler, progress=progress, edit=True)
+                                sampler=sampler, progress=progress, edit=True, cfg_interval=cfg_interval)
         return out
 
     # ---- text -----------------------------------------------------------------------------------------------
@@ -407,6 +411,17 @@ def _pieces(steps: Iterator[list[str]]) -> Iterator[str]:
     return
 
 
+def _interval(value: Any) -> tuple[float, float]:
+    """A guidance interval (lo, hi) with 0 <= lo <= hi <= 1, or a ValueError that shows what was given."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"cfg_interval {value!r}: expected two numbers (lo, hi)") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"cfg_interval ({lo}, {hi}): expected 0 <= lo <= hi <= 1 (t = 0 is noise, t = 1 the image)")
+    return lo, hi
+
+
 def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or ((path / "vocab.json").exists() and (path / "merges.txt").exists())
 
@@ -421,5 +436,9 @@ def _read_defaults(path: Path) -> tuple[ImageDefaults, TextDefaults]:
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{f}: not valid JSON ({err.msg} at line {err.lineno})") from None
         img = replace(img, **{k: v for k, v in data.get("image", {}).items() if hasattr(img, k)})
+        try:
+            img.cfg_interval = _interval(img.cfg_interval)  # JSON gives a list
+        except ValueError as err:
+            raise CheckpointError(f"{f}: cheers.image.{err}") from None
         txt = replace(txt, **{k: v for k, v in data.get("text", {}).items() if hasattr(txt, k)})
     return img, txt

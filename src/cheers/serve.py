@@ -3,7 +3,8 @@
 Endpoints
     POST /v1/chat/completions   messages with text and image parts (data URLs); `stream: true` gives server-sent
                                 events in OpenAI's chunk format ending with `data: [DONE]`; usage counts
-    POST /v1/images/generations prompt, n, size "RxR", seed, steps, cfg | cfg_scale, shift, sampler -> PNG b64_json
+    POST /v1/images/generations prompt, n, size "RxR", seed, steps, cfg | cfg_scale, shift, sampler, cfg_interval
+                                -> PNG b64_json
     POST /v1/images/edits       multipart (image file + prompt, like OpenAI) or JSON with a data-URL image
     GET  /v1/models, /v1/models/{id}, /v1/stats (batching statistics), /health, / (the demo page)
 
@@ -197,6 +198,21 @@ class Fields:
             raise _bad(f"'{self.param(name)}' must be > {lo}, got {v}", self.param(name))
         _check_range(self.param(name), v, None if lo_open else lo, hi)
         return float(v)
+
+    def interval(self, name: str, default: tuple[float, float]) -> tuple[float, float]:
+        """[lo, hi] (a form field: "lo,hi") with 0 <= lo <= hi <= 1."""
+        v = self._raw(name, default)
+        if v is default:
+            return v
+        if self.form and isinstance(v, str):
+            v = v.split(",")
+        try:
+            lo, hi = (float(x) for x in v if not isinstance(x, bool))
+        except (TypeError, ValueError):
+            raise _bad(f"'{self.param(name)}' must be two numbers [lo, hi], got {v!r}", self.param(name)) from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi <= 1.0):
+            raise _bad(f"'{self.param(name)}' must satisfy 0 <= lo <= hi <= 1, got [{lo}, {hi}]", self.param(name))
+        return lo, hi
 
     def bool(self, name: str, default: Any = _MISSING) -> Any:
         v = self._raw(name, default)
@@ -631,6 +647,7 @@ class Context:
             "cfg_scale": float(cfg if cfg is not None else cfg_scale if cfg_scale is not None else d.cfg_scale),
             "shift": f.float("shift", float(d.shift), 0.0, 100.0, lo_open=True),
             "sampler": f.str("sampler", d.sampler, choices=SAMPLERS),
+            "cfg_interval": f.interval("cfg_interval", tuple(d.cfg_interval)),
         }
         n = f.int("n", 1, 1, min(s.max_n, s.max_queue))
         seed = f.int("seed", None, 0, 2**63 - 1 - n)
@@ -650,7 +667,7 @@ class Context:
 
 
 IMAGE_FIELDS = frozenset({"model", "prompt", "n", "size", "seed", "steps", "cfg", "cfg_scale", "shift", "sampler",
-                          "response_format", "output_format", "user"})
+                          "cfg_interval", "response_format", "output_format", "user"})
 EDIT_FIELDS = IMAGE_FIELDS | {"image", "images"}
 EDIT_FORM_FIELDS = IMAGE_FIELDS | {"image", "image[]"}
 CHAT_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
@@ -831,7 +848,7 @@ def _chat_key(req: ChatRequest) -> tuple:
 
 
 def _image_key(task: str, opts: dict[str, Any]) -> tuple:
-    return (task, opts["steps"], opts["cfg_scale"], opts["shift"], opts["sampler"])
+    return (task, opts["steps"], opts["cfg_scale"], opts["shift"], opts["sampler"], opts["cfg_interval"])
 
 
 def _png_b64(images: list) -> list[str]:

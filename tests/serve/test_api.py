@@ -113,6 +113,12 @@ def test_generate_images_with_openai_client(oai):
                                 extra_body={"steps": 2, "cfg_scale": 2.0, "seed": 11})
     c = np.asarray(decode_png(again.data[0].b64_json).convert("RGB"), dtype=float)
     assert np.abs(a - c).max() <= 1
+    # a guidance interval between the step times (0, 1) guides no step: the unguided picture of seed 11
+    never, plain = (oai.images.generate(prompt="a red circle", size="64x64", response_format="b64_json",
+                                        extra_body={"steps": 2, "seed": 11, **kw}) for kw in
+                    ({"cfg": 2.0, "cfg_interval": [0.4, 0.6]}, {"cfg": 1.0}))
+    n_, p_ = (np.asarray(decode_png(g.data[0].b64_json).convert("RGB"), dtype=float) for g in (never, plain))
+    assert np.abs(n_ - p_).max() <= 1 and np.abs(n_ - a).max() > 1
 
 
 def test_edit_multipart_with_openai_client_and_json_data_url(oai, main_server):
