@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--shift", type=float, default=1.0)
     ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--cfg-interval", default="0,1", help="LO,HI: guidance only for LO <= t <= HI (t = 0 is noise)")
     ap.add_argument("--card", default="scripts/embedded/MODEL_CARD.md")
     a = ap.parse_args()
     src, dest = Path(a.export), Path(a.dest)
@@ -30,7 +31,9 @@ def main() -> None:
     save_model(model, dest, dtype=torch.float16, include_tied_head=False)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, dest / name)
-    gen = {"cheers": {"image": {"steps": a.steps, "cfg_scale": a.cfg, "shift": a.shift, "sampler": a.sampler},
+    lo, hi = (float(v) for v in a.cfg_interval.split(","))
+    image = {"steps": a.steps, "cfg_scale": a.cfg, "shift": a.shift, "sampler": a.sampler, "cfg_interval": [lo, hi]}
+    gen = {"cheers": {"image": image,
                       "text": {"max_new_tokens": 64, "temperature": 0.0}}}
     (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if Path(a.card).exists():
