@@ -87,6 +87,6 @@ $PY scripts/embedded/export_step.py $OUT/stage13/ckpt/step_$STAGE13_STEPS $OUT/s
 # the shipped weights: the midpoint of stage 12 and stage 13 (stage 13 alone draws worse; p15/RESULTS.md)
 $PY scripts/embedded/average_exports.py --a $OUT/stage12/export_step_$STAGE12_STEPS \
   --b $OUT/stage13/export_step_$STAGE13_STEPS --alpha 0.5 --dest $OUT/soup50/export
-$PY scripts/embedded/package.py --export $OUT/soup50/export --dest src/cheers/assets/cheers-shapes
+$PY scripts/embedded/package.py --export $OUT/soup50/export --dest src/cheers/assets/cheers-shapes --cfg 5 --cfg-interval 0,0.4
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
