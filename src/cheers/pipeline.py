@@ -200,7 +200,7 @@ class Cheers:
         all_lat = torch.cat([latents, latents]) if guided else latents
         with self._autocast():
             prefix = self._prefill(all_rows, all_lat)
-            velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided, interval=(float(lo), float(hi)))
+            velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided, interval=(lo, hi))
             grid = S.time_grid(steps, shift, t0=t0)
             bar = None
             if progress:

@@ -109,8 +109,8 @@ class GuidedVelocity:
 
     `interval` = (lo, hi): guidance only for lo <= t <= hi (t = 0 is noise); elsewhere the conditional velocity
     alone, computed on the B conditional rows only (a view of the same cache), so unguided steps cost half.
-    Guidance limited to the middle of the trajectory: Kynkaanniemi et al. 2024, "Applying guidance in a limited
-    interval improves sample and distribution quality in diffusion models"."""
+    Kynkaanniemi et al. 2024 guide only the middle of the trajectory; the embedded model draws best when guided
+    only near the noise, where its shapes are chosen (scripts/embedded/p17/RESULTS.md)."""
 
     model: CheersModel
     prefix: Prefix
