@@ -202,6 +202,23 @@ def test_build_samples_images_and_t(tok, root):
         collate([Sample(und.input_ids, und.labels, und.pixel_values[:0], und.t[:0])], 0)
 
 
+def test_flow_time_sampling_uniform_or_logit_normal(tok, root):
+    g = torch.Generator().manual_seed(0)
+    uni = builder(tok).draw_t(20000, g)
+    assert abs(float(uni.mean()) - 0.5) < 0.01 and abs(float((uni < 0.4).float().mean()) - 0.4) < 0.01
+    b = builder(tok, t_sampling="logit_normal", t_mean=-1.0, t_std=1.0)
+    ln = b.draw_t(20000, torch.Generator().manual_seed(0))
+    assert abs(float(ln.median()) - float(torch.sigmoid(torch.tensor(-1.0)))) < 0.01  # median sigmoid(-1) = 0.269
+    assert float((ln < 0.4).float().mean()) > 0.65 and 1e-6 <= float(ln.min()) and float(ln.max()) <= 1 - 1e-6
+    # a sample's time is the builder's draw from that sample's own generator (reproducible per index)
+    gen = b.build(Record(json.dumps(GEN).encode(), "x:2", root), 5)
+    assert torch.equal(gen.t, b.draw_t(1, b.generator(5)))
+    with pytest.raises(ValueError, match="t_sampling must be one of uniform, logit_normal"):
+        builder(tok, t_sampling="beta")
+    with pytest.raises(ValueError, match="t_std must be > 0"):
+        builder(tok, t_sampling="logit_normal", t_std=0.0)
+
+
 def test_max_length_counts_images_and_dummy(tok, root):
     text_len = builder(tok).build(Record(json.dumps(TEXT).encode(), "x:1", root)).expanded_length(N_IMG)
     b = builder(tok, max_length=text_len)

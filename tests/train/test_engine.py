@@ -88,6 +88,12 @@ def test_overrides():
         load_config("stage1_align", ["optim.lrr=1"])
     with pytest.raises(TrainConfigError, match="schedule.kind"):
         load_config("stage1_align", ["schedule.kind=linear"])
+    cfg = load_config("stage1_align", ["data.t_sampling=logit_normal", "data.t_mean=-0.5"])
+    assert (cfg.data.t_sampling, cfg.data.t_mean, cfg.data.t_std) == ("logit_normal", -0.5, 1.0)
+    with pytest.raises(TrainConfigError, match="data.t_sampling"):
+        load_config("stage1_align", ["data.t_sampling=beta"])
+    with pytest.raises(TrainConfigError, match="data.t_std: must be > 0"):
+        load_config("stage1_align", ["data.t_std=0"])
     with pytest.raises(TrainConfigError, match="expected an integer"):
         load_config("stage1_align", ["steps=abc"])
     with pytest.raises(TrainConfigError, match="key.sub=value"):
@@ -222,6 +228,19 @@ def test_count_ce_targets_matches_the_model(work, tmp_path):
             out = tr.base(input_ids=ids, attention_mask=am, labels=labels, latents=lat, t=torch.ones(2),
                           x0=torch.zeros_like(lat))
         assert int(E.count_ce_targets(ids, am, labels, n, tr.img_end).sum()) == out.num_ce_tokens
+    finally:
+        tr.close()
+
+
+def test_trainer_draws_flow_times_from_the_configured_distribution(work, tmp_path):
+    cfg = flow_config(work, tmp_path / "a", micro_batch_size=8,
+                      **{"data.t_sampling": "logit_normal", "data.t_mean": -3.0, "data.t_std": 0.05})
+    tr = E.FlowTrainer(cfg)
+    try:
+        t = torch.cat([mb.inputs["t"] for mb in tr.next_micro_batches()])
+        drawn = t[(t > 0) & (t < 1)]  # images to generate (understanding images sit at 1, text dummies at 0)
+        assert drawn.numel() >= 2
+        assert float(drawn.min()) > 0.035 and float(drawn.max()) < 0.065  # sigmoid(-3 +- 4 std) = 0.039-0.058
     finally:
         tr.close()
 

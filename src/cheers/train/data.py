@@ -82,6 +82,7 @@ __all__ = [
 logger = logging.getLogger("cheers.data")
 
 T_MIN, T_MAX = 1e-6, 1.0 - 1e-6
+T_SAMPLINGS = ("uniform", "logit_normal")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 _RECORD_KEYS = ("id", "image", "conversations")
 _TURN_KEYS = ("from", "value")
@@ -605,9 +606,16 @@ class SampleBuilder:
         bad_image: str = "error",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         system_prompt: str = C.DEFAULT_SYSTEM_PROMPT,
+        t_sampling: str = "uniform",
+        t_mean: float = 0.0,
+        t_std: float = 1.0,
     ):
         if bad_image not in ("error", "black"):
             raise ValueError(f"bad_image must be 'error' or 'black', got {bad_image!r}")
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"t_sampling must be one of {', '.join(T_SAMPLINGS)}, got {t_sampling!r}")
+        if not t_std > 0:
+            raise ValueError(f"t_std must be > 0, got {t_std}")
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
         self.tokenizer = tokenizer
@@ -621,6 +629,16 @@ class SampleBuilder:
         self.black_images = 0  # images replaced by black pictures under bad_image="black"
         self.max_pixels = max_pixels
         self.system_prompt = system_prompt
+        self.t_sampling, self.t_mean, self.t_std = t_sampling, float(t_mean), float(t_std)
+
+    def draw_t(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """Flow times of n images to generate: uniform on (0, 1), or logit-normal, sigmoid(N(t_mean, t_std^2))
+        (t_mean < 0 puts more of the training near the noise, where a picture's layout and shapes are chosen)."""
+        if self.t_sampling == "uniform":
+            t = torch.rand(n, generator=g)
+        else:
+            t = torch.sigmoid(self.t_mean + self.t_std * torch.randn(n, generator=g))
+        return t.clamp_(T_MIN, T_MAX)
 
     @classmethod
     def from_config(cls, config: Any, tokenizer: Any, **kwargs: Any) -> "SampleBuilder":
@@ -666,8 +684,7 @@ class SampleBuilder:
             t = torch.ones(len(kinds))
             gen = torch.tensor([k == C.IMAGE_GEN_PLACEHOLDER for k in kinds])
             if gen.any():
-                draws = torch.rand(int(gen.sum()), generator=g).clamp_(T_MIN, T_MAX)
-                t[gen] = draws
+                t[gen] = self.draw_t(int(gen.sum()), g)
             pixel_values = torch.stack(pixels)
         else:
             t = torch.zeros(1)

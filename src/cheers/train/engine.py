@@ -674,7 +674,7 @@ class FlowTrainer(RunBase):
         self.feed = RecordFeed(cfg.data, cfg.seed)
         self.builder = SampleBuilder.from_config(
             mcfg, self.tokenizer, max_length=cfg.data.max_length, cfg_dropout=cfg.data.cfg_dropout, seed=cfg.seed,
-            bad_image=cfg.data.bad_image,
+            bad_image=cfg.data.bad_image, t_sampling=cfg.data.t_sampling, t_mean=cfg.data.t_mean, t_std=cfg.data.t_std,
         )
         self.cache = None
         if cfg.latents.cache:

@@ -98,6 +98,9 @@ class DataSection:
     sources: list[SourceSection] = field(default_factory=list)
     max_length: int = 2048  # positions after image expansion; longer samples are bad samples (never truncated)
     cfg_dropout: float = 0.2  # probability of the unconditional prompt for samples with an image to generate
+    t_sampling: str = "uniform"  # uniform | logit_normal: flow time t of an image to generate (t = 0 is noise)
+    t_mean: float = 0.0  # logit_normal: t = sigmoid(N(t_mean, t_std^2)); t_mean < 0 trains more near the noise
+    t_std: float = 1.0
     on_bad_sample: str = "skip"  # skip | error : malformed record, unreadable image, sample too long
     bad_image: str = "error"  # error | black : a missing or unreadable image file (black = what the reference does)
     pairing: str = "mix"  # mix (weighted per-sample draws) | alternate (equal contiguous share per source per batch)
@@ -230,6 +233,7 @@ class TrainConfig:
         one_of("data.on_bad_sample", self.data.on_bad_sample, ("skip", "error"))
         one_of("data.bad_image", self.data.bad_image, ("error", "black"))
         one_of("data.pairing", self.data.pairing, ("mix", "alternate"))
+        one_of("data.t_sampling", self.data.t_sampling, ("uniform", "logit_normal"))
         one_of("distributed.strategy", self.distributed.strategy, ("none", "ddp", "fsdp2"))
         one_of("distributed.backend", self.distributed.backend, ("auto", "gloo", "nccl"))
         one_of("vae.loss", self.vae.loss, ("l1", "mse", "l1+mse"))
@@ -244,6 +248,8 @@ class TrainConfig:
             problems.append(f"schedule.warmup: must be >= 0 (got {self.schedule.warmup})")
         if not 0.0 <= self.data.cfg_dropout <= 1.0:
             problems.append(f"data.cfg_dropout: must be in [0, 1] (got {self.data.cfg_dropout})")
+        if not self.data.t_std > 0:
+            problems.append(f"data.t_std: must be > 0 (got {self.data.t_std})")
         if self.vision.text_layers < 1 or self.vision.max_text_tokens < 1 or self.vision.min_text_words < 1:
             problems.append(f"vision: text_layers, max_text_tokens and min_text_words must be >= 1 (got {self.vision})")
         if not 0.0 <= self.ema.decay < 1.0:
