@@ -185,7 +185,7 @@ class Cheers:
                 progress: bool, edit: bool = False,
                 cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
         d = self.image_defaults
-        lo, hi = _interval(d.cfg_interval if cfg_interval is None else cfg_interval)
+        interval = S.guidance_interval(d.cfg_interval if cfg_interval is None else cfg_interval)  # before prefill
         steps = d.steps if steps is None else int(steps)
         cfg_scale = d.cfg_scale if cfg_scale is None else float(cfg_scale)
         shift = d.shift if shift is None else float(shift)
@@ -200,7 +200,7 @@ class Cheers:
         all_lat = torch.cat([latents, latents]) if guided else latents
         with self._autocast():
             prefix = self._prefill(all_rows, all_lat)
-            velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided, interval=(lo, hi))
+            velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided, interval=interval)
             grid = S.time_grid(steps, shift, t0=t0)
             bar = None
             if progress:
@@ -411,17 +411,6 @@ def _pieces(steps: Iterator[list[str]]) -> Iterator[str]:
     return
 
 
-def _interval(value: Any) -> tuple[float, float]:
-    """A guidance interval (lo, hi) with 0 <= lo <= hi <= 1, or a ValueError that shows what was given."""
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"cfg_interval {value!r}: expected two numbers (lo, hi)") from None
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"cfg_interval ({lo}, {hi}): expected 0 <= lo <= hi <= 1 (t = 0 is noise, t = 1 the image)")
-    return lo, hi
-
-
 def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or ((path / "vocab.json").exists() and (path / "merges.txt").exists())
 
@@ -437,7 +426,7 @@ def _read_defaults(path: Path) -> tuple[ImageDefaults, TextDefaults]:
             raise CheckpointError(f"{f}: not valid JSON ({err.msg} at line {err.lineno})") from None
         img = replace(img, **{k: v for k, v in data.get("image", {}).items() if hasattr(img, k)})
         try:
-            img.cfg_interval = _interval(img.cfg_interval)  # JSON gives a list
+            img.cfg_interval = S.guidance_interval(img.cfg_interval)  # JSON gives a list
         except ValueError as err:
             raise CheckpointError(f"{f}: cheers.image.{err}") from None
         txt = replace(txt, **{k: v for k, v in data.get("text", {}).items() if hasattr(txt, k)})

@@ -9,7 +9,7 @@ positions, so a row's result does not depend on the other rows in its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -102,6 +102,17 @@ def time_grid(steps: int, shift: float = 1.0, t0: float = 0.0) -> list[float]:
     return [float(shift * t / (1 + (shift - 1) * t)) for t in base]
 
 
+def guidance_interval(value: Any) -> tuple[float, float]:
+    """A guidance interval (lo, hi) with 0 <= lo <= hi <= 1, or a ValueError that shows what was given."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"cfg_interval {value!r}: expected two numbers (lo, hi)") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"cfg_interval ({lo}, {hi}): expected 0 <= lo <= hi <= 1 (t = 0 is noise, t = 1 the image)")
+    return lo, hi
+
+
 @dataclass
 class GuidedVelocity:
     """v(x, t) for a batch of B images whose prompts were prefilled as B conditional rows followed (when guided)
@@ -120,9 +131,7 @@ class GuidedVelocity:
     interval: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
-        lo, hi = self.interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"guidance interval ({lo}, {hi}): expected 0 <= lo <= hi <= 1")
+        self.interval = guidance_interval(self.interval)
         self._cond: Prefix | None = None
 
     def guides(self, t: float) -> bool:
