@@ -18,7 +18,11 @@ pytestmark = needs_shared
 def cheers(parity_model):
     from cheers.tokenizer import CheersTokenizer
 
-    return Cheers(parity_model, CheersTokenizer.from_dir(SHARED / "reference" / "tokenizer"))
+    import copy
+
+    # a copy: Cheers() converts its model to channels_last in place, which would change the conv rounding the
+    # session-wide parity model shows to the parity tests run after this module
+    return Cheers(copy.deepcopy(parity_model), CheersTokenizer.from_dir(SHARED / "reference" / "tokenizer"))
 
 
 @pytest.fixture(scope="module")
