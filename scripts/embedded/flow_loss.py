@@ -23,24 +23,31 @@ T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 @torch.no_grad()
-def flow_errors(model, tok, n: int, seed: int) -> dict:
+def oracle_batch(model, tok, n: int, seed: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Generation prompts of the eval split (n per category), the latents of oracle renders of them, fixed noise."""
     items = eval_prompts(seed=seed, n=n, resolution=model.config.resolution, families=("generation",))["generation"]
     t_ids = model.config.tokens
     rows = [tok.encode_prompt(it.text, task="t2i") + [C.IMAGE_GEN_PLACEHOLDER, t_ids.img_end] for it in items]
     pixels = torch.stack([preprocess_generation(render_scene(it.spec, model.config.resolution), model.config.resolution)
                           for it in items])
     lat = model.encode_images(pixels)
+    noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(seed))
+    return rows, lat, noise
+
+
+@torch.no_grad()
+def flow_errors(model, tok, n: int, seed: int) -> dict:
+    rows, lat, noise = oracle_batch(model, tok, n, seed)
+    t_ids = model.config.tokens
     keep = {t_ids.img_start, t_ids.img_end}
     variants = {"prompt": rows, "shuffled": rows[1:] + rows[:1], "unconditional": cfg_rows(rows, keep, t_ids.no_mean)}
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(lat.shape, generator=g)
     out: dict = {}
     for name, r in variants.items():
         # left padding keeps every row's image block at the end
         ids, mask = left_pad(r, t_ids.pad)
         per_t = {}
         for t in T_GRID:
-            tt = torch.full((len(items),), t)
+            tt = torch.full((len(rows),), t)
             o = model(ids, t=tt, attention_mask=mask, latents=lat, x0=noise)
             per_t[t] = float(((o.velocity - o.flow_target) ** 2).mean())
         out[name] = {"mean": sum(per_t.values()) / len(per_t), "by_t": per_t}
