@@ -455,3 +455,22 @@ def test_transplant_to_16_tokens_keeps_the_llm_and_head_and_resizes_the_vit(tmp_
     (vae_dir / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="another tokenizer"):
         mod.transplant(EMBEDDED_DIR, vae_dir, tmp_path / "bad")
+
+
+def test_gate_knockout_reports_gate_values_and_cuts_the_detail_path():
+    """gate_knockout.py: one mean gate value per t, and cutting the detail path changes the velocity the shipped
+    model predicts (it relies on the path: the error at least doubles) and is undone afterwards."""
+    mod = _script("gate_knockout")
+    flow = _script("flow_loss")
+    c = Cheers.from_pretrained(None)
+    model, tok = c.model, c.tokenizer
+    values = mod.gate_values(model, tok, n=1, seed=3)
+    assert list(values) == list(flow.T_GRID) and all(v == v and abs(v) < 1e3 for v in values.values())
+    on = flow.flow_errors(model, tok, 1, 3)["prompt"]["mean"]
+    model.model.hi_gate.enabled = False
+    try:
+        off = flow.flow_errors(model, tok, 1, 3)["prompt"]["mean"]
+    finally:
+        model.model.hi_gate.enabled = True
+    assert off > 2 * on, (on, off)
+    assert flow.flow_errors(model, tok, 1, 3)["prompt"]["mean"] == pytest.approx(on, rel=1e-6)

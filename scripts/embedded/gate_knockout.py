@@ -78,7 +78,8 @@ def main() -> None:
     model = c.model
     if not model.model.hi_gate.enabled:
         raise SystemExit(f"{a.model}: the gate is already disabled in this model's config; nothing to knock out")
-    report: dict = {"model": a.model, "seed": a.seed, "n": a.n, "gate_value_by_t": gate_values(model, tok, a.n_flow, a.seed)}
+    report: dict = {"model": a.model, "seed": a.seed, "n": a.n,
+                    "gate_value_by_t": gate_values(model, tok, a.n_flow, a.seed)}
     for name, enabled in (("gate_on", True), ("knocked_out", False)):
         model.model.hi_gate.enabled = enabled
         flow = flow_errors(model, tok, a.n_flow, a.seed)
