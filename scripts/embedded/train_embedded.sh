@@ -6,7 +6,8 @@
 # -> its fp16 package -> stage 10 (picture twins of the yes/no and MCQ text twins) -> its fp16 package -> stage 12
 # (shape-naming questions at three object sizes) -> its fp16 package -> stage 13 (more ShapesWorld-size shape names)
 # -> the average of stage 12's and stage 13's exports -> its fp16 package -> stage 18 (flow times drawn near the
-# noise, EMA) -> the fp16 package of stage 18's EMA into src/cheers/assets/cheers-shapes.
+# noise) -> the fp16 package of its EMA -> stage 19 (nearer the noise) -> its fp16 package into
+# src/cheers/assets/cheers-shapes.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
@@ -19,7 +20,8 @@
 #   STAGE10_STEPS: where stage 10 stops on its 2,800-step schedule (the shipped model: all 2,800).
 #   STAGE12_STEPS: where stage 12 stops on its 4,200-step schedule (the shipped model: all 4,200).
 #   STAGE13_STEPS: where stage 13 stops on its 3,600-step schedule (the shipped model: all 3,600).
-#   STAGE18_STEPS: where stage 18 stops on its 3,000-step schedule (the shipped model: all 3,000, EMA weights).
+#   STAGE18_STEPS: where stage 18 stops on its 3,000-step schedule (all 3,000; stage 19 starts from its EMA).
+#   STAGE19_STEPS: where stage 19 stops on its 1,500-step schedule (the shipped model: all 1,500).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -35,6 +37,7 @@ STAGE10_STEPS=${STAGE10_STEPS:-2800}
 STAGE12_STEPS=${STAGE12_STEPS:-4200}
 STAGE13_STEPS=${STAGE13_STEPS:-3600}
 STAGE18_STEPS=${STAGE18_STEPS:-3000}
+STAGE19_STEPS=${STAGE19_STEPS:-1500}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -91,11 +94,17 @@ $PY scripts/embedded/export_step.py $OUT/stage13/ckpt/step_$STAGE13_STEPS $OUT/s
 $PY scripts/embedded/average_exports.py --a $OUT/stage12/export_step_$STAGE12_STEPS \
   --b $OUT/stage13/export_step_$STAGE13_STEPS --alpha 0.5 --dest $OUT/soup50/export
 $PY scripts/embedded/package.py --export $OUT/soup50/export --dest $OUT/soup50/package --cfg 5 --cfg-interval 0,0.4
-# stage 18 starts from the midpoint's fp16 package; flow times drawn near the noise; the shipped weights are its EMA
+# stage 18 starts from the midpoint's fp16 package; flow times drawn near the noise
 [ -d $OUT/stage18/ckpt/step_$STAGE18_STEPS ] || $CHEERS train scripts/embedded/p18/stage18_near_noise.yaml \
   model.channels_last=true debug.max_steps_this_run=$STAGE18_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/stage18/ckpt/step_$STAGE18_STEPS $OUT/stage18/export_ema_step_$STAGE18_STEPS --ema
-$PY scripts/embedded/package.py --export $OUT/stage18/export_ema_step_$STAGE18_STEPS --dest src/cheers/assets/cheers-shapes \
+$PY scripts/embedded/package.py --export $OUT/stage18/export_ema_step_$STAGE18_STEPS --dest $OUT/stage18/package_ema \
+  --cfg 5 --cfg-interval 0,0.4
+# stage 19 starts from the fp16 package of stage 18's EMA; flow times nearer the noise; the shipped weights are its last
+[ -d $OUT/stage19/ckpt/step_$STAGE19_STEPS ] || $CHEERS train scripts/embedded/p18/stage19_nearer_noise.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE19_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage19/ckpt/step_$STAGE19_STEPS $OUT/stage19/export_step_$STAGE19_STEPS
+$PY scripts/embedded/package.py --export $OUT/stage19/export_step_$STAGE19_STEPS --dest src/cheers/assets/cheers-shapes \
   --cfg 5 --cfg-interval 0,0.4
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
