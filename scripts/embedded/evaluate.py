@@ -8,11 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from PIL import Image
-
-from cheers.eval.harness import evaluate_digits, evaluate_shapes
-from cheers.eval.shapes import eval_prompts, render_scene
-from cheers.eval.sharpness import sharpness_ratio
+from cheers.eval.harness import evaluate_digits, evaluate_shapes, generation_sharpness
 from cheers.pipeline import Cheers
 
 
@@ -36,11 +32,7 @@ def main() -> None:
     summary = {"model": a.model, "seed": a.seed, "gen_kw": gen_kw or vars(c.image_defaults)}
     summary["shapes"] = evaluate_shapes(c, n=a.n, seed=a.seed, out_dir=out / "shapes", batch_size=a.batch,
                                         gen_kw=gen_kw, edit_kw=gen_kw, answer_kw={"max_new_tokens": 48})
-    # sharpness of the generated pictures against real renders of scenes satisfying the same prompts
-    res = c.config.resolution
-    gens = eval_prompts(seed=a.seed, n=a.n, resolution=res, families=("generation",))["generation"]
-    summary["sharpness"] = sharpness_ratio([Image.open(out / "shapes" / "generation" / f"{g.id}.png") for g in gens],
-                                           [render_scene(g.spec, res) for g in gens])
+    summary["sharpness"] = generation_sharpness(out / "shapes", a.n, a.seed, c.config.resolution)
     summary["digits"] = evaluate_digits(c, n=a.n_digits, seed=a.seed, out_dir=out / "digits", batch_size=a.batch,
                                         gen_kw=gen_kw, answer_kw={"max_new_tokens": 4})
     if a.compare_samplers:

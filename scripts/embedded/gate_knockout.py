@@ -21,14 +21,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from cheers.eval.harness import evaluate_shapes
-from cheers.eval.shapes import eval_prompts, render_scene
-from cheers.eval.sharpness import sharpness_ratio
+from cheers.eval.harness import evaluate_shapes, generation_sharpness
 from cheers.pipeline import Cheers
 from cheers.sampling import left_pad
-from cheers.tokenizer import CheersTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flow_loss import T_GRID, flow_errors, oracle_batch  # noqa: E402  (a sibling script)
@@ -53,12 +49,9 @@ def gate_values(model, tok, n: int, seed: int) -> dict[float, float]:
 
 
 def t2i(c: Cheers, n: int, seed: int, batch: int) -> dict:
-    res = c.model.config.resolution
-    gens = eval_prompts(seed=seed, n=n, resolution=res, families=("generation",))["generation"]
     with tempfile.TemporaryDirectory() as tmp:
         rep = evaluate_shapes(c, n=n, seed=seed, out_dir=tmp, batch_size=batch, tasks=("generation",), verbose=False)
-        made = [Image.open(Path(tmp) / "generation" / f"{g.id}.png").convert("RGB") for g in gens]
-        sharp = sharpness_ratio(made, [render_scene(g.spec, res) for g in gens])
+        sharp = generation_sharpness(tmp, n, seed, c.model.config.resolution)
     g = rep["generation"]
     return {"overall": g["overall"], "categories": {k: v["score"] for k, v in g["categories"].items()},
             "partial": g.get("partial"), "sharpness": sharp}
@@ -74,8 +67,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the JSON report here")
     a = ap.parse_args()
     c = Cheers.from_pretrained(a.model)
-    tok = CheersTokenizer.from_dir(a.model)
-    model = c.model
+    model, tok = c.model, c.tokenizer
     if not model.model.hi_gate.enabled:
         raise SystemExit(f"{a.model}: the gate is already disabled in this model's config; nothing to knock out")
     report: dict = {"model": a.model, "seed": a.seed, "n": a.n,

@@ -7,7 +7,7 @@ import json
 from PIL import Image
 
 from cheers.eval import shapes as S
-from cheers.eval.harness import evaluate_digits, evaluate_shapes, make_grid, model_resolution
+from cheers.eval.harness import evaluate_digits, evaluate_shapes, generation_sharpness, make_grid, model_resolution
 
 from .fakes import DigitOracle, OracleShapes, WrongShapes
 
@@ -41,6 +41,8 @@ def test_oracle_scores_perfectly(tmp_path, capsys):
         with Image.open(out / name) as im:
             assert im.width >= 256 and im.height >= 128
     assert len(list((out / "generation").glob("*.png"))) == 6 * N
+    # the saved pictures are the real renders of the prompts: exactly as sharp as them
+    assert generation_sharpness(out, N, 3, 64)["ratio"] == 1.0
     table = capsys.readouterr().out
     assert "color_attr" in table and "overall" in table and "yes-ratio" in table
     # deterministic for a given seed
@@ -75,6 +77,8 @@ def test_blank_model_and_partial_tasks(tmp_path):
     rep = evaluate_shapes(Blank(), n=2, seed=0, out_dir=tmp_path, tasks=("generation",), verbose=False)
     assert rep["resolution"] == 48 and rep["generation"]["overall"] == 0.0
     assert "understanding" not in rep and "editing" not in rep
+    sharp = generation_sharpness(tmp_path, 2, 0, 48)  # flat pictures carry no high-frequency energy
+    assert sharp["generated"] == 0.0 and sharp["real"] > 0.01 and sharp["ratio"] == 0.0
     assert model_resolution(object()) == 64
 
 

@@ -31,9 +31,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cheers.eval import judge as J
 from cheers.eval import shapes as S
+from cheers.eval.sharpness import sharpness_ratio
 
-__all__ = ["evaluate_shapes", "evaluate_digits", "make_grid", "model_resolution", "batched_generate",
-           "batched_answer", "batched_edit", "format_shapes_table", "format_digits_table"]
+__all__ = ["evaluate_shapes", "evaluate_digits", "generation_sharpness", "make_grid", "model_resolution",
+           "batched_generate", "batched_answer", "batched_edit", "format_shapes_table", "format_digits_table"]
 
 
 # ---- calling the model in batches ---------------------------------------------------------------------------------
@@ -306,6 +307,14 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
         print(f"({time.time() - t_start:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items())
               + f"; written to {out})")
     return report
+
+
+def generation_sharpness(out_dir: str | os.PathLike, n: int, seed: int, resolution: int) -> dict[str, float]:
+    """`sharpness_ratio` of the pictures an `evaluate_shapes(..., n, seed)` run saved in out_dir/generation against
+    real renders of scenes satisfying the same prompts."""
+    gens = S.eval_prompts(seed=seed, n=n, resolution=resolution, families=("generation",))["generation"]
+    made = [Image.open(Path(out_dir) / "generation" / f"{g.id}.png").convert("RGB") for g in gens]
+    return sharpness_ratio(made, [S.render_scene(g.spec, resolution) for g in gens])
 
 
 def format_shapes_table(report: dict[str, Any]) -> str:
