@@ -219,6 +219,24 @@ def test_flow_time_sampling_uniform_or_logit_normal(tok, root):
         builder(tok, t_sampling="logit_normal", t_std=0.0)
 
 
+def test_flow_time_mixture_keeps_a_uniform_share(tok):
+    # t_mean -3: the logit-normal part sits almost entirely below 0.25, so draws above 0.5 come from the uniform share
+    pure = builder(tok, t_sampling="logit_normal", t_mean=-3.0).draw_t(20000, torch.Generator().manual_seed(1))
+    mix = builder(tok, t_sampling="logit_normal", t_mean=-3.0, t_uniform=0.2).draw_t(
+        20000, torch.Generator().manual_seed(1))
+    assert float((pure > 0.5).float().mean()) < 0.01
+    assert abs(float((mix > 0.5).float().mean()) - 0.2 * 0.5) < 0.01  # 20 % uniform, half of them above 0.5
+    # t_uniform 0 draws exactly the old stream; 1 is uniform
+    zero = builder(tok, t_sampling="logit_normal", t_mean=-3.0, t_uniform=0.0).draw_t(
+        20000, torch.Generator().manual_seed(1))
+    assert torch.equal(zero, pure)
+    one = builder(tok, t_sampling="logit_normal", t_mean=-3.0, t_uniform=1.0).draw_t(
+        20000, torch.Generator().manual_seed(1))
+    assert abs(float(one.mean()) - 0.5) < 0.01
+    with pytest.raises(ValueError, match="t_uniform must be in"):
+        builder(tok, t_sampling="logit_normal", t_uniform=1.5)
+
+
 def test_max_length_counts_images_and_dummy(tok, root):
     text_len = builder(tok).build(Record(json.dumps(TEXT).encode(), "x:1", root)).expanded_length(N_IMG)
     b = builder(tok, max_length=text_len)

@@ -90,10 +90,13 @@ def test_overrides():
         load_config("stage1_align", ["schedule.kind=linear"])
     cfg = load_config("stage1_align", ["data.t_sampling=logit_normal", "data.t_mean=-0.5"])
     assert (cfg.data.t_sampling, cfg.data.t_mean, cfg.data.t_std) == ("logit_normal", -0.5, 1.0)
+    assert load_config("stage1_align", ["data.t_uniform=0.25"]).data.t_uniform == 0.25
     with pytest.raises(TrainConfigError, match="data.t_sampling"):
         load_config("stage1_align", ["data.t_sampling=beta"])
     with pytest.raises(TrainConfigError, match="data.t_std: must be > 0"):
         load_config("stage1_align", ["data.t_std=0"])
+    with pytest.raises(TrainConfigError, match="data.t_uniform: must be in"):
+        load_config("stage1_align", ["data.t_uniform=-0.1"])
     with pytest.raises(TrainConfigError, match="expected an integer"):
         load_config("stage1_align", ["steps=abc"])
     with pytest.raises(TrainConfigError, match="key.sub=value"):

@@ -609,6 +609,7 @@ class SampleBuilder:
         t_sampling: str = "uniform",
         t_mean: float = 0.0,
         t_std: float = 1.0,
+        t_uniform: float = 0.0,
     ):
         if bad_image not in ("error", "black"):
             raise ValueError(f"bad_image must be 'error' or 'black', got {bad_image!r}")
@@ -616,6 +617,8 @@ class SampleBuilder:
             raise ValueError(f"t_sampling must be one of {', '.join(T_SAMPLINGS)}, got {t_sampling!r}")
         if not t_std > 0:
             raise ValueError(f"t_std must be > 0, got {t_std}")
+        if not 0.0 <= t_uniform <= 1.0:
+            raise ValueError(f"t_uniform must be in [0, 1], got {t_uniform}")
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
         self.tokenizer = tokenizer
@@ -630,14 +633,20 @@ class SampleBuilder:
         self.max_pixels = max_pixels
         self.system_prompt = system_prompt
         self.t_sampling, self.t_mean, self.t_std = t_sampling, float(t_mean), float(t_std)
+        self.t_uniform = float(t_uniform)
 
     def draw_t(self, n: int, g: torch.Generator) -> torch.Tensor:
         """Flow times of n images to generate: uniform on (0, 1), or logit-normal, sigmoid(N(t_mean, t_std^2))
-        (t_mean < 0 puts more of the training near the noise, where a picture's layout and shapes are chosen)."""
+        (t_mean < 0 puts more of the training near the noise, where a picture's layout and shapes are chosen).
+        With t_uniform > 0, that share of the logit-normal draws is uniform instead, so the late, detail-setting
+        part of the path keeps some training."""
         if self.t_sampling == "uniform":
             t = torch.rand(n, generator=g)
         else:
             t = torch.sigmoid(self.t_mean + self.t_std * torch.randn(n, generator=g))
+            if self.t_uniform > 0:  # drawn only when asked, so existing configs keep their random stream
+                uniform = torch.rand(n, generator=g)
+                t = torch.where(torch.rand(n, generator=g) < self.t_uniform, uniform, t)
         return t.clamp_(T_MIN, T_MAX)
 
     @classmethod

@@ -675,6 +675,7 @@ class FlowTrainer(RunBase):
         self.builder = SampleBuilder.from_config(
             mcfg, self.tokenizer, max_length=cfg.data.max_length, cfg_dropout=cfg.data.cfg_dropout, seed=cfg.seed,
             bad_image=cfg.data.bad_image, t_sampling=cfg.data.t_sampling, t_mean=cfg.data.t_mean, t_std=cfg.data.t_std,
+            t_uniform=cfg.data.t_uniform,
         )
         self.cache = None
         if cfg.latents.cache:

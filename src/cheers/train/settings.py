@@ -101,6 +101,7 @@ class DataSection:
     t_sampling: str = "uniform"  # uniform | logit_normal: flow time t of an image to generate (t = 0 is noise)
     t_mean: float = 0.0  # logit_normal: t = sigmoid(N(t_mean, t_std^2)); t_mean < 0 trains more near the noise
     t_std: float = 1.0
+    t_uniform: float = 0.0  # logit_normal: this share of the draws is uniform on (0, 1) instead
     on_bad_sample: str = "skip"  # skip | error : malformed record, unreadable image, sample too long
     bad_image: str = "error"  # error | black : a missing or unreadable image file (black = what the reference does)
     pairing: str = "mix"  # mix (weighted per-sample draws) | alternate (equal contiguous share per source per batch)
@@ -250,6 +251,8 @@ class TrainConfig:
             problems.append(f"data.cfg_dropout: must be in [0, 1] (got {self.data.cfg_dropout})")
         if not self.data.t_std > 0:
             problems.append(f"data.t_std: must be > 0 (got {self.data.t_std})")
+        if not 0.0 <= self.data.t_uniform <= 1.0:
+            problems.append(f"data.t_uniform: must be in [0, 1] (got {self.data.t_uniform})")
         if self.vision.text_layers < 1 or self.vision.max_text_tokens < 1 or self.vision.min_text_words < 1:
             problems.append(f"vision: text_layers, max_text_tokens and min_text_words must be >= 1 (got {self.vision})")
         if not 0.0 <= self.ema.decay < 1.0:
