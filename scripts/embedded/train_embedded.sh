@@ -38,6 +38,7 @@ STAGE12_STEPS=${STAGE12_STEPS:-4200}
 STAGE13_STEPS=${STAGE13_STEPS:-3600}
 STAGE18_STEPS=${STAGE18_STEPS:-3000}
 STAGE19_STEPS=${STAGE19_STEPS:-1500}
+STAGE20_STEPS=${STAGE20_STEPS:-2000}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -100,11 +101,21 @@ $PY scripts/embedded/package.py --export $OUT/soup50/export --dest $OUT/soup50/p
 $PY scripts/embedded/export_step.py $OUT/stage18/ckpt/step_$STAGE18_STEPS $OUT/stage18/export_ema_step_$STAGE18_STEPS --ema
 $PY scripts/embedded/package.py --export $OUT/stage18/export_ema_step_$STAGE18_STEPS --dest $OUT/stage18/package_ema \
   --cfg 5 --cfg-interval 0,0.4
-# stage 19 starts from the fp16 package of stage 18's EMA; flow times nearer the noise; the shipped weights are its last
+# stage 19 starts from the fp16 package of stage 18's EMA; flow times nearer the noise
 [ -d $OUT/stage19/ckpt/step_$STAGE19_STEPS ] || $CHEERS train scripts/embedded/p18/stage19_nearer_noise.yaml \
   model.channels_last=true debug.max_steps_this_run=$STAGE19_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/stage19/ckpt/step_$STAGE19_STEPS $OUT/stage19/export_step_$STAGE19_STEPS
-$PY scripts/embedded/package.py --export $OUT/stage19/export_step_$STAGE19_STEPS --dest src/cheers/assets/cheers-shapes \
+$PY scripts/embedded/package.py --export $OUT/stage19/export_step_$STAGE19_STEPS --dest $OUT/stage19/package \
+  --cfg 5 --cfg-interval 0,0.4
+# stage 20 starts from stage 19's fp16 package; 80 % of flow times nearer still, 20 % uniform; its EMA is kept
+[ -d $OUT/stage20/ckpt/step_$STAGE20_STEPS ] || $CHEERS train scripts/embedded/p20/stage20_mixture.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE20_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage20/ckpt/step_$STAGE20_STEPS $OUT/stage20/export_ema_step_$STAGE20_STEPS --ema
+# the shipped weights: the midpoint of stage 19 and stage 20's EMA (each alone is worse at drawing or at answering;
+# p20/RESULTS.md)
+$PY scripts/embedded/average_exports.py --a $OUT/stage19/export_step_$STAGE19_STEPS \
+  --b $OUT/stage20/export_ema_step_$STAGE20_STEPS --alpha 0.5 --dest $OUT/soup1920/export
+$PY scripts/embedded/package.py --export $OUT/soup1920/export --dest src/cheers/assets/cheers-shapes \
   --cfg 5 --cfg-interval 0,0.4
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
