@@ -6,7 +6,8 @@
 # -> its fp16 package -> stage 10 (picture twins of the yes/no and MCQ text twins) -> its fp16 package -> stage 12
 # (shape-naming questions at three object sizes) -> its fp16 package -> stage 13 (more ShapesWorld-size shape names)
 # -> the average of stage 12's and stage 13's exports -> its fp16 package -> stage 18 (flow times drawn near the
-# noise) -> the fp16 package of its EMA -> stage 19 (nearer the noise) -> its fp16 package into
+# noise) -> the fp16 package of its EMA -> stage 19 (nearer the noise) -> its fp16 package -> stage 20 (nearer
+# still, 20 % uniform draws) -> the average of stage 19's export and stage 20's EMA -> its fp16 package into
 # src/cheers/assets/cheers-shapes.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
@@ -22,6 +23,7 @@
 #   STAGE13_STEPS: where stage 13 stops on its 3,600-step schedule (the shipped model: all 3,600).
 #   STAGE18_STEPS: where stage 18 stops on its 3,000-step schedule (all 3,000; stage 19 starts from its EMA).
 #   STAGE19_STEPS: where stage 19 stops on its 1,500-step schedule (the shipped model: all 1,500).
+#   STAGE20_STEPS: where stage 20 stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
