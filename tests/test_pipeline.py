@@ -109,6 +109,16 @@ def test_samplers_and_guidance_options(tiny):
     assert np.abs(euler - heun).max() > 0 and np.abs(heun - mid).max() > 0
     again = np.asarray(cheers.generate_image(["a cat"], sampler="heun", **kw)[0]).astype(int)
     assert np.array_equal(heun, again), "same seed, same image"
+    renoise = [np.asarray(im).astype(int) for im in
+               cheers.generate_image(["a cat", "a dog"], sampler="renoise", **kw)]
+    assert np.abs(renoise[0] - euler).max() > 0 and np.abs(renoise[0] - renoise[1]).max() > 0
+    alone = np.asarray(cheers.generate_image(["a cat"], sampler="renoise", **kw)[0]).astype(int)
+    assert np.abs(alone - renoise[0]).max() <= 1, "a renoised image does not depend on its batch"
+    second = np.asarray(cheers.generate_image(["a dog"], sampler="renoise", seed=2, steps=3, cfg_scale=3.0)[0])
+    assert np.abs(second.astype(int) - renoise[1]).max() <= 1, "image i uses seed + i for its step noise too"
+    src = Image.fromarray(euler.astype(np.uint8))
+    edited = np.asarray(cheers.edit([src], ["make it blue"], sampler="renoise", seed=1, steps=3)[0]).astype(int)
+    assert edited.shape == euler.shape and np.abs(edited - euler).max() > 0
     other = np.asarray(cheers.generate_image(["a cat"], seed=2, steps=3, cfg_scale=3.0)[0]).astype(int)
     assert np.abs(euler - other).max() > 0
     noguide = cheers.generate_image(["a cat"], seed=1, steps=2, cfg_scale=1.0)[0]
@@ -163,6 +173,11 @@ def test_guidance_interval_default_comes_from_generation_config(tiny_model_dir, 
     assert Cheers.from_pretrained(d).image_defaults.cfg_interval == (0.2, 0.8)
     (d / "generation_config.json").write_text(json.dumps({"cheers": {"image": {"cfg_interval": [0.8, 0.2]}}}))
     with pytest.raises(CheckpointError, match=r"generation_config.json: cheers.image.cfg_interval \(0.8, 0.2\)"):
+        Cheers.from_pretrained(d)
+    (d / "generation_config.json").write_text(json.dumps({"cheers": {"image": {"sampler": "renoise"}}}))
+    assert Cheers.from_pretrained(d).image_defaults.sampler == "renoise"
+    (d / "generation_config.json").write_text(json.dumps({"cheers": {"image": {"sampler": "ddim"}}}))
+    with pytest.raises(CheckpointError, match=r"generation_config.json: cheers.image.sampler 'ddim': expected one of"):
         Cheers.from_pretrained(d)
 
 

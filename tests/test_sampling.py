@@ -97,3 +97,75 @@ def test_eager_head_copy_gives_the_linear_logits_and_follows_weight_updates():
         assert torch.allclose(m.logits(h), -ref, atol=1e-5)
     # with gradients on (training) the copy is never used: the logits stay differentiable w.r.t. the weight
     assert m._head_columns() is None
+
+
+# ---- the renoise sampler -------------------------------------------------------------------------------------
+
+
+def test_renoise_step_noise_depends_only_on_the_image_seed_and_the_step():
+    shape = (4, 2, 2)
+    pair = S.step_noise(shape, [5, 7], step=3)
+    assert pair.shape == (2, *shape)
+    assert torch.equal(pair[1], S.step_noise(shape, [7], step=3)[0]), "independent of the batch"
+    assert not torch.allclose(pair[1], S.step_noise(shape, [7], step=4)[0]), "a fresh draw per step"
+    assert not torch.allclose(pair[1], S.noise(shape, [7])[0]), "not the initial noise again"
+    assert not torch.allclose(pair[0], pair[1])
+    big = S.step_noise((4000,), [11], step=0)
+    assert abs(float(big.mean())) < 0.06 and abs(float(big.std()) - 1) < 0.05
+
+
+def test_renoise_update_is_predict_clean_then_renoise():
+    """One evaluation per step: x1 = x + (1 - t) v, x' = t' x1 + (1 - t') e; then the reference's final step."""
+    c = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    calls = []
+
+    def velocity(x, t, commit=False):
+        calls.append((t, commit))
+        return c.expand_as(x)
+
+    x = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)
+    grid = [0.0, 0.5, 1.0]
+    out = S.integrate(velocity, x, grid, "renoise", seeds=[9])
+    e0 = S.step_noise((3,), [9], 0, dtype=torch.float64)
+    x_half = 0.5 * (x + 1.0 * c) + 0.5 * e0
+    x_one = 1.0 * (x_half + 0.5 * c)  # t' = 1: no noise left
+    expected = x_one + c / 3
+    torch.testing.assert_close(out, expected)
+    assert calls == [(0.0, False), (0.5, False), (1.0, True)]
+
+
+def test_renoise_lands_on_the_target_of_an_exact_velocity_field():
+    """For a single-point data distribution the exact velocity is (x1* - x) / (1 - t): every clean prediction is
+    x1*, so the re-noised path ends exactly there whatever the noise (euler too, for comparison)."""
+    target = torch.tensor([[0.3, -2.0], [1.5, 0.25]], dtype=torch.float64)
+
+    def velocity(x, t, commit=False):
+        return (target - x) / max(1.0 - t, 1e-6)
+
+    x0 = S.noise((2,), [1, 2], dtype=torch.float64)
+    grid = S.time_grid(6, shift=0.5)
+    for sampler in ("renoise", "euler"):
+        out = S.integrate(velocity, x0.clone(), grid, sampler, seeds=[1, 2])
+        torch.testing.assert_close(out, target, atol=1e-8, rtol=0)
+
+
+def test_renoise_needs_one_seed_per_image():
+    v = lambda x, t, commit=False: torch.zeros_like(x)  # noqa: E731
+    with pytest.raises(ValueError, match="one seed per image"):
+        S.integrate(v, torch.zeros(2, 3), [0.0, 1.0], "renoise")
+    with pytest.raises(ValueError, match="one seed per image"):
+        S.integrate(v, torch.zeros(2, 3), [0.0, 1.0], "renoise", seeds=[1])
+    with pytest.raises(ValueError, match="unknown sampler 'sde'"):
+        S.integrate(v, torch.zeros(2, 3), [0.0, 1.0], "sde", seeds=[1, 2])
+
+
+def test_every_entry_point_offers_the_same_samplers():
+    from cheers import serve
+    from cheers.cli import build_parser
+
+    assert serve.SAMPLERS == S.SAMPLERS
+    for name in S.SAMPLERS:
+        for args in (["generate", "x"], ["edit", "in.png", "x"]):
+            assert build_parser().parse_args([*args, "--sampler", name]).sampler == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "x", "--sampler", "rk9"])

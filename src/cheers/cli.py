@@ -25,8 +25,9 @@ def _add_image_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, reference 80)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (reference 9.5; 1 = off)")
     p.add_argument("--shift", type=float, default=None, help="time shift a of the sampling grid (reference 0.5)")
-    p.add_argument("--sampler", default=None, choices=["euler", "heun", "midpoint"],
-                   help="ODE sampler: euler (reference) or a second-order one")
+    p.add_argument("--sampler", default=None, choices=["euler", "heun", "midpoint", "renoise"],
+                   help="euler (reference), heun / midpoint (second-order ODE) or renoise (stochastic: re-noises "
+                        "the predicted clean latent at every step)")
     p.add_argument("--cfg-interval", type=_interval, default=None, metavar="LO,HI",
                    help="guide only for LO <= t <= HI (t = 0 is noise; default: the model's, 0,1 = every step)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")

@@ -165,7 +165,7 @@ class Cheers:
             sl = slice(lo, lo + batch_size)
             lat = self._latents(self._row_images(rows[sl], seeds[sl]))
             x = S.noise(self._latent_shape(), seeds[sl], self.device) if noise is None else noise[sl].to(self.device)
-            out += self._sample(rows[sl], lat, x, t0=0.0, steps=steps, cfg_scale=cfg_scale, shift=shift,
+            out += self._sample(rows[sl], lat, x, seeds[sl], t0=0.0, steps=steps, cfg_scale=cfg_scale, shift=shift,
                                 sampler=sampler, progress=progress, cfg_interval=cfg_interval)
         return out
 
@@ -180,7 +180,7 @@ class Cheers:
             return [int(s) for s in seed]
         return [int(seed) + i for i in range(n)]
 
-    def _sample(self, rows: list[list[int]], latents: torch.Tensor, x: torch.Tensor, t0: float,
+    def _sample(self, rows: list[list[int]], latents: torch.Tensor, x: torch.Tensor, seeds: list[int], t0: float,
                 steps: int | None, cfg_scale: float | None, shift: float | None, sampler: str | None,
                 progress: bool, edit: bool = False,
                 cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
@@ -206,9 +206,10 @@ class Cheers:
             if progress:
                 from tqdm import tqdm
 
-                n_evals = len(grid) if sampler == "euler" else 2 * len(grid) - 1
+                n_evals = len(grid) if sampler in ("euler", "renoise") else 2 * len(grid) - 1
                 bar = tqdm(total=len(grid), desc=f"denoising ({n_evals} evaluations)", leave=False)
-            x = S.integrate(velocity, x, grid, sampler, progress=(lambda i: bar.update(1)) if bar else None)
+            x = S.integrate(velocity, x, grid, sampler, progress=(lambda i: bar.update(1)) if bar else None,
+                            seeds=seeds)
             if bar:
                 bar.close()
             pixels = self.model.decode_latents(x.float())
@@ -237,7 +238,7 @@ class Cheers:
             z = self._latents(pixels[sl])
             eps = S.noise(self._latent_shape(), seeds[sl], self.device) if noise is None else noise[sl].to(self.device)
             x = t0 * z + (1 - t0) * eps
-            out += self._sample(rows[sl], z, x, t0=t0, steps=steps, cfg_scale=cfg_scale, shift=shift,
+            out += self._sample(rows[sl], z, x, seeds[sl], t0=t0, steps=steps, cfg_scale=cfg_scale, shift=shift,
                                 sampler=sampler, progress=progress, edit=True, cfg_interval=cfg_interval)
         return out
 
@@ -429,5 +430,7 @@ def _read_defaults(path: Path) -> tuple[ImageDefaults, TextDefaults]:
             img.cfg_interval = S.guidance_interval(img.cfg_interval)  # JSON gives a list
         except ValueError as err:
             raise CheckpointError(f"{f}: cheers.image.{err}") from None
+        if img.sampler not in S.SAMPLERS:
+            raise CheckpointError(f"{f}: cheers.image.sampler '{img.sampler}': expected one of {', '.join(S.SAMPLERS)}")
         txt = replace(txt, **{k: v for k, v in data.get("text", {}).items() if hasattr(txt, k)})
     return img, txt

@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})
-SAMPLERS = ("euler", "heun", "midpoint")
+SAMPLERS = ("euler", "heun", "midpoint", "renoise")  # cheers.sampling.SAMPLERS (kept torch-free here)
 _MISSING = object()
 
 
