@@ -117,7 +117,8 @@ $PY scripts/embedded/export_step.py $OUT/stage20/ckpt/step_$STAGE20_STEPS $OUT/s
 # p20/RESULTS.md)
 $PY scripts/embedded/average_exports.py --a $OUT/stage19/export_step_$STAGE19_STEPS \
   --b $OUT/stage20/export_ema_step_$STAGE20_STEPS --alpha 0.5 --dest $OUT/soup1920/export
+# sampling default: 40 renoise steps, CFG 5 only for t <= 0.4 (session 20, p22/RESULTS.md)
 $PY scripts/embedded/package.py --export $OUT/soup1920/export --dest src/cheers/assets/cheers-shapes \
-  --cfg 5 --cfg-interval 0,0.4
+  --cfg 5 --cfg-interval 0,0.4 --sampler renoise --steps 40
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
