@@ -169,3 +169,15 @@ def test_every_entry_point_offers_the_same_samplers():
             assert build_parser().parse_args([*args, "--sampler", name]).sampler == name
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "x", "--sampler", "rk9"])
+
+
+def test_evaluation_count_matches_what_integrate_calls():
+    for sampler in S.SAMPLERS:
+        calls = []
+
+        def velocity(x, t, commit=False):
+            calls.append(t)
+            return torch.zeros_like(x)
+
+        S.integrate(velocity, torch.zeros(1, 2), S.time_grid(5), sampler, seeds=[0])
+        assert len(calls) == S.evaluations(sampler, 5), sampler

@@ -206,7 +206,7 @@ class Cheers:
             if progress:
                 from tqdm import tqdm
 
-                n_evals = len(grid) if sampler in ("euler", "renoise") else 2 * len(grid) - 1
+                n_evals = S.evaluations(sampler, len(grid))
                 bar = tqdm(total=len(grid), desc=f"denoising ({n_evals} evaluations)", leave=False)
             x = S.integrate(velocity, x, grid, sampler, progress=(lambda i: bar.update(1)) if bar else None,
                             seeds=seeds)

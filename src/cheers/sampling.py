@@ -17,6 +17,12 @@ from cheers.model.cheers import CheersModel
 from cheers.model.qwen2 import KVCache
 
 SAMPLERS = ("euler", "heun", "midpoint", "renoise")
+_TWO_EVALUATIONS = ("heun", "midpoint")  # per grid interval; the others take one
+
+
+def evaluations(sampler: str, grid_points: int) -> int:
+    """Velocity evaluations `integrate` makes with `sampler` on a grid of `grid_points` times (incl. the last)."""
+    return 2 * grid_points - 1 if sampler in _TWO_EVALUATIONS else grid_points
 
 
 @dataclass
