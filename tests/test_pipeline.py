@@ -53,6 +53,38 @@ def test_edit_matches_reference_through_api(cheers):
     assert np.abs(np.asarray(img).astype(int) - as_uint8(g["decoded_image"])).max() <= 1
 
 
+def test_edit_start_sets_the_starting_mix_and_the_step_count(tiny, monkeypatch):
+    """edit(edit_start=t0) starts at x = t0 z + (1 - t0) noise on the grid linspace(t0, 1, floor((1 - t0) N)), the
+    default is the model's (the reference's 0.1), and a t0 outside [0, 1) is refused."""
+    from cheers import sampling as S
+
+    seen = []
+    real = S.integrate
+
+    def spy(velocity, x, grid, *args, **kw):
+        seen.append((x.clone(), list(grid)))
+        return real(velocity, x, grid, *args, **kw)
+
+    monkeypatch.setattr(S, "integrate", spy)
+    src = Image.fromarray(np.full((64, 64, 3), 90, np.uint8))
+    noise = torch.randn(1, *tiny._latent_shape(), generator=torch.Generator().manual_seed(3))
+    z = tiny._latents(tiny._read_images([src]))
+    default = tiny.edit([src], ["Make it red."], steps=10, cfg_scale=1.0, shift=1.0, noise=noise)[0]
+    explicit = tiny.edit([src], ["Make it red."], steps=10, cfg_scale=1.0, shift=1.0, noise=noise, edit_start=0.1)[0]
+    late = tiny.edit([src], ["Make it red."], steps=10, cfg_scale=1.0, shift=1.0, noise=noise, edit_start=0.6)[0]
+    assert tiny.image_defaults.edit_start == 0.1
+    assert np.array_equal(np.asarray(default), np.asarray(explicit))
+    assert not np.array_equal(np.asarray(default), np.asarray(late))
+    (x_a, grid_a), _, (x_c, grid_c) = seen
+    assert len(grid_a) == 9 and grid_a[0] == pytest.approx(0.1) and grid_a[-1] == pytest.approx(1.0)
+    assert len(grid_c) == 4 and grid_c[0] == pytest.approx(0.6)  # floor(0.4 * 10) = 4 grid points
+    assert torch.allclose(x_a, 0.1 * z + 0.9 * noise, atol=1e-6)
+    assert torch.allclose(x_c, 0.6 * z + 0.4 * noise, atol=1e-6)
+    for bad in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match=r"edit_start must be a number in \[0, 1\)"):
+            tiny.edit([src], ["Make it red."], steps=2, edit_start=bad)
+
+
 def test_answer_and_chat_greedy_match_reference(cheers):
     a, b = golden("a_understanding"), golden("b_text_only")
     tok = cheers.tokenizer
@@ -179,6 +211,11 @@ def test_guidance_interval_default_comes_from_generation_config(tiny_model_dir, 
     (d / "generation_config.json").write_text(json.dumps({"cheers": {"image": {"sampler": "ddim"}}}))
     with pytest.raises(CheckpointError, match=r"generation_config.json: cheers.image.sampler 'ddim': expected one of"):
         Cheers.from_pretrained(d)
+    (d / "generation_config.json").write_text(json.dumps({"cheers": {"image": {"edit_start": 0.3}}}))
+    assert Cheers.from_pretrained(d).image_defaults.edit_start == 0.3
+    (d / "generation_config.json").write_text(json.dumps({"cheers": {"image": {"edit_start": 1.5}}}))
+    with pytest.raises(CheckpointError, match=r"generation_config.json: cheers.image.edit_start must be a number in"):
+        Cheers.from_pretrained(d)
 
 
 def test_cli_generate_takes_a_guidance_interval(tiny, tiny_model_dir, tmp_path, capsys):
@@ -195,6 +232,20 @@ def test_cli_generate_takes_a_guidance_interval(tiny, tiny_model_dir, tmp_path, 
     assert "expected LO,HI" in capsys.readouterr().err
     assert main(args + ["--cfg-interval", "0.9,0.1"]) != 0
     assert "0 <= lo <= hi <= 1" in capsys.readouterr().err
+
+
+def test_cli_edit_takes_a_start_time(tiny, tiny_model_dir, tmp_path, capsys):
+    from cheers.cli import main
+
+    src, out = tmp_path / "src.png", tmp_path / "e.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(src)
+    args = ["edit", str(src), "Make it red.", "--model", str(tiny_model_dir), "--steps", "5", "--cfg", "1",
+            "--shift", "1", "--seed", "2", "--no-progress", "-o", str(out)]
+    assert main(args + ["--edit-start", "0.6"]) == 0
+    want = tiny.edit([Image.open(src)], ["Make it red."], seed=2, steps=5, cfg_scale=1.0, shift=1.0, edit_start=0.6)[0]
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - np.asarray(want).astype(int)).max() <= 1
+    assert main(args + ["--edit-start", "1.2"]) != 0
+    assert "edit_start must be a number in [0, 1), got 1.2" in capsys.readouterr().err
 
 
 def test_text_sampling_options(tiny):

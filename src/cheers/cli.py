@@ -103,7 +103,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
     c = _load(a)
     images = c.edit([a.image] * len(a.instruction), a.instruction, seed=a.seed, steps=a.steps, cfg_scale=a.cfg,
                     shift=a.shift, sampler=a.sampler, batch_size=a.batch, progress=not a.no_progress,
-                    cfg_interval=a.cfg_interval)
+                    cfg_interval=a.cfg_interval, edit_start=a.edit_start)
     for path in _save_images(images, a.output, "edit"):
         print(path)
     return 0
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("instruction", nargs="+", help="instruction(s); one output per instruction")
     _add_model(e)
     _add_image_opts(e)
+    e.add_argument("--edit-start", type=float, default=None, metavar="T0",
+                   help="start time in [0, 1): sampling starts from T0 * source + (1 - T0) * noise; larger keeps more "
+                        "of the source (default: the model's generation_config, else the reference's 0.1)")
     e.set_defaults(func=cmd_edit)
 
     q = sub.add_parser("ask", help="answer a question about an image", description="Image understanding.")

@@ -43,6 +43,13 @@ class ImageDefaults:
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for lo <= t <= hi (t = 0 is noise)
 
 
+def check_edit_start(value: Any) -> float:
+    """An editing start time t0: a number in [0, 1) (t0 = 1 would leave no step to take)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < 1:
+        raise ValueError(f"edit_start must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 @dataclass
 class TextDefaults:
     max_new_tokens: int = 256
@@ -221,8 +228,11 @@ class Cheers:
              seed: int | Sequence[int] = 0, steps: int | None = None, cfg_scale: float | None = None,
              shift: float | None = None, sampler: str | None = None, batch_size: int = 16,
              progress: bool = False, noise: torch.Tensor | None = None,
-             cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
-        """Edit each source image by its instruction (spec §E.3): start at t0 = 0.1 from 0.1 z + 0.9 noise."""
+             cfg_interval: tuple[float, float] | None = None, edit_start: float | None = None) -> list[Image.Image]:
+        """Edit each source image by its instruction (spec §E.3): sampling starts at t0 from t0 z + (1 - t0) noise
+        and runs floor((1 - t0) N) steps. t0 = `edit_start` (default: the model's, the reference's 0.1); a larger t0
+        keeps more of the source picture (layout, colours) and leaves the instruction less room."""
+        t0 = self.image_defaults.edit_start if edit_start is None else check_edit_start(edit_start)
         images, instructions = _as_list(images), _as_list(instructions)
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
@@ -231,7 +241,6 @@ class Cheers:
         rows = [tok.encode_prompt(f"<im_start><image><im_end>\n{ins}", task="edit") for ins in instructions]
         self._check_length(rows, self.config.num_image_tokens + 1, "instruction")
         pixels = self._read_images(images)
-        t0 = self.image_defaults.edit_start
         out: list[Image.Image] = []
         for lo in range(0, len(rows), batch_size):
             sl = slice(lo, lo + batch_size)
@@ -428,6 +437,10 @@ def _read_defaults(path: Path) -> tuple[ImageDefaults, TextDefaults]:
         img = replace(img, **{k: v for k, v in data.get("image", {}).items() if hasattr(img, k)})
         try:
             img.cfg_interval = S.guidance_interval(img.cfg_interval)  # JSON gives a list
+        except ValueError as err:
+            raise CheckpointError(f"{f}: cheers.image.{err}") from None
+        try:
+            img.edit_start = check_edit_start(img.edit_start)
         except ValueError as err:
             raise CheckpointError(f"{f}: cheers.image.{err}") from None
         if img.sampler not in S.SAMPLERS:

@@ -5,7 +5,8 @@ Endpoints
                                 events in OpenAI's chunk format ending with `data: [DONE]`; usage counts
     POST /v1/images/generations prompt, n, size "RxR", seed, steps, cfg | cfg_scale, shift, sampler, cfg_interval
                                 -> PNG b64_json
-    POST /v1/images/edits       multipart (image file + prompt, like OpenAI) or JSON with a data-URL image
+    POST /v1/images/edits       multipart (image file + prompt, like OpenAI) or JSON with a data-URL image; the
+                                generation fields and edit_start (t0 in [0, 0.99], larger keeps more of the source)
     GET  /v1/models, /v1/models/{id}, /v1/stats (batching statistics), /health, / (the demo page)
 
 Batching: every request becomes a job with a *key* (task + sampling settings). One dispatcher coroutine takes jobs
@@ -668,8 +669,8 @@ class Context:
 
 IMAGE_FIELDS = frozenset({"model", "prompt", "n", "size", "seed", "steps", "cfg", "cfg_scale", "shift", "sampler",
                           "cfg_interval", "response_format", "output_format", "user"})
-EDIT_FIELDS = IMAGE_FIELDS | {"image", "images"}
-EDIT_FORM_FIELDS = IMAGE_FIELDS | {"image", "image[]"}
+EDIT_FIELDS = IMAGE_FIELDS | {"image", "images", "edit_start"}
+EDIT_FORM_FIELDS = IMAGE_FIELDS | {"image", "image[]", "edit_start"}
 CHAT_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
                          "repetition_penalty", "stop", "seed", "stream", "stream_options", "n", "user"})
 MESSAGE_FIELDS = frozenset({"role", "content", "name"})
@@ -704,6 +705,8 @@ def parse_edit_request(ctx: Context, body: Any, form: bool = False, upload: tupl
     f.only(EDIT_FORM_FIELDS if form else EDIT_FIELDS)
     prompt = f.str("prompt", nonempty=True)
     opts, n, seed = ctx.image_options(f)
+    # start time of the edit (t0 = 1 would leave no step): larger keeps more of the source picture
+    opts["edit_start"] = f.float("edit_start", float(ctx.model.image_defaults.edit_start), 0.0, 0.99)
     if form:
         if upload is None:
             raise _bad("missing required file 'image' (multipart/form-data upload)", "image", code="missing_field")

@@ -136,6 +136,12 @@ def test_edit_multipart_with_openai_client_and_json_data_url(oai, main_server):
         r2 = c.post("/v1/images/edits", json={"images": [{"image_url": data_url(src)}], "prompt": "Remove it.",
                                               "steps": 2, "n": 2})
         assert r2.status_code == 200 and len(r2.json()["data"]) == 2
+        # edit_start reaches the model: a later start changes the picture
+        r3 = c.post("/v1/images/edits", json={"image": data_url(src), "prompt": "Make the square red.", "steps": 2,
+                                              "seed": 5, "edit_start": 0.6})
+        assert r3.status_code == 200, r3.text
+        late = np.asarray(decode_png(r3.json()["data"][0]["b64_json"]), dtype=float)
+        assert np.abs(late - same).max() > 1
 
 
 def test_stats_report_batches(main_server):

@@ -94,6 +94,8 @@ BAD_JSON = [
     (EDIT, {"prompt": "make it red", "steps": 2}, 400, "image", ["missing required field 'image'"]),
     (EDIT, {"prompt": "x", "image": data_url(b"GIF89a broken")}, 400, "image", ["not a usable image"]),
     (EDIT, {"prompt": "x", "images": [{"image_url": data_url(png_bytes())}] * 2}, 400, "images", ["exactly one"]),
+    (EDIT, {"prompt": "x", "image": data_url(png_bytes()), "edit_start": 1.0}, 400, "edit_start", ["<= 0.99"]),
+    (GEN, {"prompt": "x", "edit_start": 0.5}, 400, "edit_start", ["unknown field 'edit_start'"]),
 ]
 
 
