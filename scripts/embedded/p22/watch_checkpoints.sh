@@ -12,7 +12,7 @@ for S in "$@"; do
   pkill -STOP -f "cheers train"
   $PY scripts/embedded/export_step.py $R/ckpt/step_$S $O/export_ema_$S --ema
   $PY scripts/embedded/package.py --export $O/export_ema_$S --dest $O/package_ema_$S --cfg 5 --cfg-interval 0,0.4 --sampler renoise --steps 40
-  $PY runs/look.py $O/package_ema_$S runs/look/p8_s22_$S.png
+  $PY scripts/embedded/look.py $O/package_ema_$S runs/look/p8_s22_$S.png
   $PY scripts/embedded/sampler_sweep.py --model $O/package_ema_$S --sampler renoise --steps 40 --cfg 5 --interval "0:0.4" --n 50 --seed 2 --out $O/t2i_ema_${S}_s2.jsonl
   $PY scripts/embedded/make_shape_names.py --out runs/embedded/names_eval --evaluate $O/package_ema_$S > $O/names_ema_$S.json
   pkill -CONT -f "cheers train"
