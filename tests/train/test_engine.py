@@ -781,3 +781,26 @@ def test_ema_config_is_checked(work, tmp_path):
         flow_config(work, tmp_path / "a", ema={"decay": 1.0})
     with pytest.raises(TrainConfigError, match="kind 'flow'"):
         flow_config(work, tmp_path / "b", kind="vae", ema={"decay": 0.9})
+
+
+def test_resume_with_a_smaller_trainable_set_freezes_what_was_dropped(work, tmp_path):
+    """A run resumed with more of the model excluded from training (e.g. the latent-to-pixel decoder frozen for
+    speed) loads the optimizer and EMA state of what still trains, leaves the dropped parameters exactly at the
+    checkpoint's values, and its checkpoints export with the averaged weights."""
+    from cheers.train.ckpt import load_checkpoint_model
+
+    run = tmp_path / "run"
+    common = {"ckpt": {"interval": 1, "keep": 0, "export_final": False}, "ema": {"decay": 0.5},
+              "optim": {"lr": 2e-3}}
+    _fit(flow_config(work, run, steps=4, debug={"max_steps_this_run": 2}, **common))
+    frozen = ["model.vae_model.*", "model.vision_representation.head.*", "model.vae_decoder_projector.*"]
+    _fit(flow_config(work, run, steps=4, **{"trainable.exclude": frozen}, **common), resume=True)
+    w2, w4 = (_trained(load_checkpoint_model(run / "ckpt" / f"step_{k}")) for k in (2, 4))
+    decoder = [n for n in w2 if n.startswith("model.vae_decoder_projector.")]
+    assert decoder
+    for n in decoder:
+        assert torch.equal(w2[n], w4[n]), n
+    assert max(float((w4[n] - w2[n]).abs().max()) for n in w2 if n not in decoder) > 1e-4
+    avg = _trained(load_checkpoint_model(run / "ckpt" / "step_4", ema=True))
+    assert all(torch.equal(avg[n], w4[n]) for n in decoder)  # frozen: its weights, not an average
+    assert max(float((avg[n] - w4[n]).abs().max()) for n in w4 if n not in decoder) > 1e-5
