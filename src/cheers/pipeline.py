@@ -435,11 +435,8 @@ def _read_defaults(path: Path) -> tuple[ImageDefaults, TextDefaults]:
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{f}: not valid JSON ({err.msg} at line {err.lineno})") from None
         img = replace(img, **{k: v for k, v in data.get("image", {}).items() if hasattr(img, k)})
-        try:
+        try:  # both checks' messages start with the field's name
             img.cfg_interval = S.guidance_interval(img.cfg_interval)  # JSON gives a list
-        except ValueError as err:
-            raise CheckpointError(f"{f}: cheers.image.{err}") from None
-        try:
             img.edit_start = check_edit_start(img.edit_start)
         except ValueError as err:
             raise CheckpointError(f"{f}: cheers.image.{err}") from None
