@@ -360,10 +360,13 @@ class MixedSource:
             "sources": {n: s.state_dict() for n, s in zip(self.names, self.sources)},
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], allow_new: bool = False) -> None:
+        """`allow_new`: sources of this mix absent from `state` start fresh (the saved ones must all be here)."""
         if state.get("kind") != "mixed":
             raise ValueError(f"not a MixedSource state: kind={state.get('kind')!r}")
-        if list(state["names"]) != self.names or state["seed"] != self.seed:
+        saved = list(state["names"])
+        same = saved == self.names or (allow_new and all(n in self.names for n in saved))
+        if not same or state["seed"] != self.seed:
             raise ValueError(
                 f"MixedSource state was saved for sources {state['names']} seed {state['seed']}, "
                 f"this mix has {self.names} seed {self.seed}"
@@ -372,7 +375,8 @@ class MixedSource:
         self._exhausted = set(state["exhausted"])
         self.counts = {n: int(state["counts"].get(n, 0)) for n in self.names}
         for n, s in zip(self.names, self.sources):
-            s.load_state_dict(state["sources"][n])
+            if n in saved:
+                s.load_state_dict(state["sources"][n])
 
 
 # ---- parsing and validation -------------------------------------------------------------------------------------

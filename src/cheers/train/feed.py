@@ -63,6 +63,7 @@ class RecordFeed:
         if not data.sources:
             raise TrainConfigError("data.sources is empty: give at least one jsonl file")
         self.pairing = data.pairing
+        self.add_sources_on_resume = data.add_sources_on_resume
         self.names = source_names(data)
         self.sources = []
         for i, s in enumerate(data.sources):
@@ -104,14 +105,20 @@ class RecordFeed:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("pairing") != self.pairing or list(state.get("names", [])) != self.names:
+        saved = list(state.get("names", []))
+        added = [n for n in self.names if n not in saved]
+        extend = (self.add_sources_on_resume and self.mixed is not None and state.get("pairing") == self.pairing
+                  and added and all(n in self.names for n in saved))
+        if not extend and (state.get("pairing") != self.pairing or saved != self.names):
+            hint = (" (to add sources on resume set data.add_sources_on_resume: true; removing sources is not supported)"
+                    if self.pairing == "mix" else "")
             raise TrainConfigError(
-                f"the checkpoint's data stream ({state.get('pairing')}, sources {state.get('names')}) does not "
-                f"match this config ({self.pairing}, sources {self.names})"
+                f"the checkpoint's data stream ({state.get('pairing')}, sources {saved}) does not "
+                f"match this config ({self.pairing}, sources {self.names}){hint}"
             )
         self.index = int(state["index"])
         if self.mixed is not None:
-            self.mixed.load_state_dict(state["mixed"])
+            self.mixed.load_state_dict(state["mixed"], allow_new=extend)
         else:
             for s, st in zip(self.sources, state["sources"]):
                 s.load_state_dict(st)

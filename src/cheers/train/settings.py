@@ -105,6 +105,9 @@ class DataSection:
     on_bad_sample: str = "skip"  # skip | error : malformed record, unreadable image, sample too long
     bad_image: str = "error"  # error | black : a missing or unreadable image file (black = what the reference does)
     pairing: str = "mix"  # mix (weighted per-sample draws) | alternate (equal contiguous share per source per batch)
+    # on --resume, sources of this config that the checkpoint's stream lacks start from their beginning (the others
+    # continue where they were); off, any change of the source list is an error. Appending keeps the others' seeds.
+    add_sources_on_resume: bool = False
     tokenizer: str | None = None  # tokenizer directory (see model.tokenizer)
     resolution: int | None = None  # image side; default: the model's
 
