@@ -107,8 +107,8 @@ class RecordFeed:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = list(state.get("names", []))
         added = [n for n in self.names if n not in saved]
-        extend = (self.add_sources_on_resume and self.mixed is not None and state.get("pairing") == self.pairing
-                  and added and all(n in self.names for n in saved))
+        extend = bool(self.add_sources_on_resume and self.mixed is not None and state.get("pairing") == self.pairing
+                      and added and all(n in self.names for n in saved))
         if not extend and (state.get("pairing") != self.pairing or saved != self.names):
             hint = (" (to add sources on resume set data.add_sources_on_resume: true; removing sources is not supported)"
                     if self.pairing == "mix" else "")
