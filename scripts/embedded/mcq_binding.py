@@ -54,7 +54,8 @@ def main() -> None:
         if named is not None and picked is not None:  # an off-by-one copy would pick a neighbour of the named option
             row["letter_is_next_option"] += ord(picked) - ord(named) == 1
             row["letter_is_previous_option"] += ord(picked) - ord(named) == -1
-    print(json.dumps({"model": a.model, "seed": a.seed, "no_space_options": a.no_space_options, "subtypes": {k: dict(v) for k, v in sorted(table.items())}},
+    subtypes = {k: dict(v) for k, v in sorted(table.items())}
+    print(json.dumps({"model": a.model, "seed": a.seed, "no_space_options": a.no_space_options, "subtypes": subtypes},
                      indent=1))
 
 

@@ -110,8 +110,8 @@ class RecordFeed:
         extend = bool(self.add_sources_on_resume and self.mixed is not None and state.get("pairing") == self.pairing
                       and added and all(n in self.names for n in saved))
         if not extend and (state.get("pairing") != self.pairing or saved != self.names):
-            hint = (" (to add sources on resume set data.add_sources_on_resume: true; removing sources is not supported)"
-                    if self.pairing == "mix" else "")
+            hint = (" (to add sources on resume set data.add_sources_on_resume: true; removing sources is not "
+                    "supported)" if self.pairing == "mix" else "")
             raise TrainConfigError(
                 f"the checkpoint's data stream ({state.get('pairing')}, sources {saved}) does not "
                 f"match this config ({self.pairing}, sources {self.names}){hint}"
