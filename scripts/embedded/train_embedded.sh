@@ -7,8 +7,9 @@
 # (shape-naming questions at three object sizes) -> its fp16 package -> stage 13 (more ShapesWorld-size shape names)
 # -> the average of stage 12's and stage 13's exports -> its fp16 package -> stage 18 (flow times drawn near the
 # noise) -> the fp16 package of its EMA -> stage 19 (nearer the noise) -> its fp16 package -> stage 20 (nearer
-# still, 20 % uniform draws) -> the average of stage 19's export and stage 20's EMA -> its fp16 package into
-# src/cheers/assets/cheers-shapes.
+# still, 20 % uniform draws) -> the average of stage 19's export and stage 20's EMA -> its fp16 package -> stage 24
+# (picture multiple-choice questions at ~30 % of the samples, generation share unchanged) -> the midpoint of that
+# package and stage 24's EMA -> its fp16 package into src/cheers/assets/cheers-shapes.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
@@ -24,6 +25,7 @@
 #   STAGE18_STEPS: where stage 18 stops on its 3,000-step schedule (all 3,000; stage 19 starts from its EMA).
 #   STAGE19_STEPS: where stage 19 stops on its 1,500-step schedule (the shipped model: all 1,500).
 #   STAGE20_STEPS: where stage 20 stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
+#   STAGE24_STEPS: where stage 24 stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -41,6 +43,7 @@ STAGE13_STEPS=${STAGE13_STEPS:-3600}
 STAGE18_STEPS=${STAGE18_STEPS:-3000}
 STAGE19_STEPS=${STAGE19_STEPS:-1500}
 STAGE20_STEPS=${STAGE20_STEPS:-2000}
+STAGE24_STEPS=${STAGE24_STEPS:-2000}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -117,8 +120,22 @@ $PY scripts/embedded/export_step.py $OUT/stage20/ckpt/step_$STAGE20_STEPS $OUT/s
 # p20/RESULTS.md)
 $PY scripts/embedded/average_exports.py --a $OUT/stage19/export_step_$STAGE19_STEPS \
   --b $OUT/stage20/export_ema_step_$STAGE20_STEPS --alpha 0.5 --dest $OUT/soup1920/export
-# sampling default: 40 renoise steps, CFG 5 only for t <= 0.4 (session 20, p22/RESULTS.md)
-$PY scripts/embedded/package.py --export $OUT/soup1920/export --dest src/cheers/assets/cheers-shapes \
+# sampling default: 40 renoise steps, CFG 5 only for t <= 0.4 (session 20, p22/RESULTS.md); this package shipped
+# in sessions 19-23
+$PY scripts/embedded/package.py --export $OUT/soup1920/export --dest $OUT/soup1920/package \
+  --cfg 5 --cfg-interval 0,0.4 --sampler renoise --steps 40
+# stage 24 starts from that package: 8,000 fresh picture MCQs at ~30 % of the samples, taken from the text twins'
+# share, not from generation's (p24/RESULTS.md)
+[ -f $OUT/data/shapes_mcq_fresh.jsonl ] || $PY -c "from cheers.eval.shapes import make_dataset; \
+make_dataset('$OUT/data', {'mcq': 8000}, 23, 'train', 64, meta='none', name='shapes_mcq_fresh')"
+[ -d $OUT/stage24/ckpt/step_$STAGE24_STEPS ] || $CHEERS train scripts/embedded/p24/stage24_mcq_same_generation.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE24_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage24/ckpt/step_$STAGE24_STEPS \
+  $OUT/stage24/export_ema_step_$STAGE24_STEPS --ema
+# the shipped weights: the midpoint of session 19-23's package and stage 24's EMA (the EMA alone draws worse)
+$PY scripts/embedded/average_exports.py --a $OUT/soup1920/package \
+  --b $OUT/stage24/export_ema_step_$STAGE24_STEPS --alpha 0.5 --dest $OUT/soup24/export
+$PY scripts/embedded/package.py --export $OUT/soup24/export --dest src/cheers/assets/cheers-shapes \
   --cfg 5 --cfg-interval 0,0.4 --sampler renoise --steps 40
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
