@@ -8,8 +8,8 @@
 # -> the average of stage 12's and stage 13's exports -> its fp16 package -> stage 18 (flow times drawn near the
 # noise) -> the fp16 package of its EMA -> stage 19 (nearer the noise) -> its fp16 package -> stage 20 (nearer
 # still, 20 % uniform draws) -> the average of stage 19's export and stage 20's EMA -> its fp16 package -> stage 24
-# (picture multiple-choice questions at ~30 % of the samples, generation share unchanged) and stage 24b (the same
-# from the same package, another seed) -> the midpoint of stage 24's and stage 24b's EMAs -> its fp16 package into
+# (picture multiple-choice questions at ~30 % of the samples, generation share unchanged), stage 24b and stage 24c
+# (the same from the same package, two more seeds) -> the average of the three EMAs -> its fp16 package into
 # src/cheers/assets/cheers-shapes.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
@@ -28,6 +28,7 @@
 #   STAGE20_STEPS: where stage 20 stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 #   STAGE24_STEPS: where stage 24 stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 #   STAGE24B_STEPS: where stage 24b stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
+#   STAGE24C_STEPS: where stage 24c stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -47,6 +48,7 @@ STAGE19_STEPS=${STAGE19_STEPS:-1500}
 STAGE20_STEPS=${STAGE20_STEPS:-2000}
 STAGE24_STEPS=${STAGE24_STEPS:-2000}
 STAGE24B_STEPS=${STAGE24B_STEPS:-2000}
+STAGE24C_STEPS=${STAGE24C_STEPS:-2000}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -140,11 +142,20 @@ $PY scripts/embedded/export_step.py $OUT/stage24/ckpt/step_$STAGE24_STEPS \
   model.channels_last=true debug.max_steps_this_run=$STAGE24B_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/stage24b/ckpt/step_$STAGE24B_STEPS \
   $OUT/stage24b/export_ema_step_$STAGE24B_STEPS --ema
-# the shipped weights (session 25): the midpoint of the two EMAs. Each alone draws worse than their init; their
-# average does not, and it keeps the MCQ skill both learnt. (Session 24 shipped the init + stage 24 EMA midpoint.)
+# the midpoint of the two EMAs (shipped in session 25). Each alone draws worse than their init; their average does
+# not, and it keeps the MCQ skill both learnt. (Session 24 shipped the init + stage 24 EMA midpoint.)
 $PY scripts/embedded/average_exports.py --a $OUT/stage24/export_ema_step_$STAGE24_STEPS \
   --b $OUT/stage24b/export_ema_step_$STAGE24B_STEPS --alpha 0.5 --dest $OUT/soup24b/export
-$PY scripts/embedded/package.py --export $OUT/soup24b/export --dest src/cheers/assets/cheers-shapes \
+# stage 24c: stage 24 a third time with seed 242 (p25/RESULTS.md)
+[ -d $OUT/stage24c/ckpt/step_$STAGE24C_STEPS ] || $CHEERS train scripts/embedded/p25/stage24c_seed242.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE24C_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage24c/ckpt/step_$STAGE24C_STEPS \
+  $OUT/stage24c/export_ema_step_$STAGE24C_STEPS --ema
+# the shipped weights (session 26): 1/3 of each of the three EMAs = 2/3 of the midpoint + 1/3 of stage 24c's EMA
+# (p26/RESULTS.md)
+$PY scripts/embedded/average_exports.py --a $OUT/soup24b/export \
+  --b $OUT/stage24c/export_ema_step_$STAGE24C_STEPS --alpha 0.3333333333333333 --dest $OUT/soup24c/export
+$PY scripts/embedded/package.py --export $OUT/soup24c/export --dest src/cheers/assets/cheers-shapes \
   --cfg 5 --cfg-interval 0,0.4 --sampler renoise --steps 40
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
