@@ -8,8 +8,8 @@
 # -> the average of stage 12's and stage 13's exports -> its fp16 package -> stage 18 (flow times drawn near the
 # noise) -> the fp16 package of its EMA -> stage 19 (nearer the noise) -> its fp16 package -> stage 20 (nearer
 # still, 20 % uniform draws) -> the average of stage 19's export and stage 20's EMA -> its fp16 package -> stage 24
-# (picture multiple-choice questions at ~30 % of the samples, generation share unchanged), stage 24b and stage 24c
-# (the same from the same package, two more seeds) -> the average of the three EMAs -> its fp16 package into
+# (picture multiple-choice questions at ~30 % of the samples, generation share unchanged), stages 24b, 24c and 24d
+# (the same from the same package, three more seeds) -> the average of the four EMAs -> its fp16 package into
 # src/cheers/assets/cheers-shapes.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
@@ -29,6 +29,7 @@
 #   STAGE24_STEPS: where stage 24 stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 #   STAGE24B_STEPS: where stage 24b stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 #   STAGE24C_STEPS: where stage 24c stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
+#   STAGE24D_STEPS: where stage 24d stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -49,6 +50,7 @@ STAGE20_STEPS=${STAGE20_STEPS:-2000}
 STAGE24_STEPS=${STAGE24_STEPS:-2000}
 STAGE24B_STEPS=${STAGE24B_STEPS:-2000}
 STAGE24C_STEPS=${STAGE24C_STEPS:-2000}
+STAGE24D_STEPS=${STAGE24D_STEPS:-2000}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -151,11 +153,19 @@ $PY scripts/embedded/average_exports.py --a $OUT/stage24/export_ema_step_$STAGE2
   model.channels_last=true debug.max_steps_this_run=$STAGE24C_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/stage24c/ckpt/step_$STAGE24C_STEPS \
   $OUT/stage24c/export_ema_step_$STAGE24C_STEPS --ema
-# the shipped weights (session 26): 1/3 of each of the three EMAs = 2/3 of the midpoint + 1/3 of stage 24c's EMA
-# (p26/RESULTS.md)
+# 1/3 of each of the three EMAs = 2/3 of the midpoint + 1/3 of stage 24c's EMA (measured in session 26)
 $PY scripts/embedded/average_exports.py --a $OUT/soup24b/export \
   --b $OUT/stage24c/export_ema_step_$STAGE24C_STEPS --alpha 0.3333333333333333 --dest $OUT/soup24c/export
-$PY scripts/embedded/package.py --export $OUT/soup24c/export --dest src/cheers/assets/cheers-shapes \
+# stage 24d: stage 24 a fourth time with seed 243 (p26/RESULTS.md)
+[ -d $OUT/stage24d/ckpt/step_$STAGE24D_STEPS ] || $CHEERS train scripts/embedded/p26/stage24d_seed243.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE24D_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage24d/ckpt/step_$STAGE24D_STEPS \
+  $OUT/stage24d/export_ema_step_$STAGE24D_STEPS --ema
+# the shipped weights (session 26): 1/4 of each of the four EMAs = 3/4 of the average of three + 1/4 of stage 24d's
+# EMA (p26/RESULTS.md)
+$PY scripts/embedded/average_exports.py --a $OUT/soup24c/export \
+  --b $OUT/stage24d/export_ema_step_$STAGE24D_STEPS --alpha 0.25 --dest $OUT/soup24d/export
+$PY scripts/embedded/package.py --export $OUT/soup24d/export --dest src/cheers/assets/cheers-shapes \
   --cfg 5 --cfg-interval 0,0.4 --sampler renoise --steps 40
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
