@@ -135,37 +135,31 @@ $PY scripts/embedded/package.py --export $OUT/soup1920/export --dest $OUT/soup19
 # share, not from generation's (p24/RESULTS.md)
 [ -f $OUT/data/shapes_mcq_fresh.jsonl ] || $PY -c "from cheers.eval.shapes import make_dataset; \
 make_dataset('$OUT/data', {'mcq': 8000}, 23, 'train', 64, meta='none', name='shapes_mcq_fresh')"
-[ -d $OUT/stage24/ckpt/step_$STAGE24_STEPS ] || $CHEERS train scripts/embedded/p24/stage24_mcq_same_generation.yaml \
-  model.channels_last=true debug.max_steps_this_run=$STAGE24_STEPS --resume "$@"
-$PY scripts/embedded/export_step.py $OUT/stage24/ckpt/step_$STAGE24_STEPS \
-  $OUT/stage24/export_ema_step_$STAGE24_STEPS --ema
-# stage 24b: stage 24 again from the same package with seed 241 (p25/RESULTS.md)
-[ -d $OUT/stage24b/ckpt/step_$STAGE24B_STEPS ] || $CHEERS train scripts/embedded/p25/stage24b_seed241.yaml \
-  model.channels_last=true debug.max_steps_this_run=$STAGE24B_STEPS --resume "$@"
-$PY scripts/embedded/export_step.py $OUT/stage24b/ckpt/step_$STAGE24B_STEPS \
-  $OUT/stage24b/export_ema_step_$STAGE24B_STEPS --ema
-# the midpoint of the two EMAs (shipped in session 25). Each alone draws worse than their init; their average does
-# not, and it keeps the MCQ skill both learnt. (Session 24 shipped the init + stage 24 EMA midpoint.)
-$PY scripts/embedded/average_exports.py --a $OUT/stage24/export_ema_step_$STAGE24_STEPS \
-  --b $OUT/stage24b/export_ema_step_$STAGE24B_STEPS --alpha 0.5 --dest $OUT/soup24b/export
-# stage 24c: stage 24 a third time with seed 242 (p25/RESULTS.md)
-[ -d $OUT/stage24c/ckpt/step_$STAGE24C_STEPS ] || $CHEERS train scripts/embedded/p25/stage24c_seed242.yaml \
-  model.channels_last=true debug.max_steps_this_run=$STAGE24C_STEPS --resume "$@"
-$PY scripts/embedded/export_step.py $OUT/stage24c/ckpt/step_$STAGE24C_STEPS \
-  $OUT/stage24c/export_ema_step_$STAGE24C_STEPS --ema
-# 1/3 of each of the three EMAs = 2/3 of the midpoint + 1/3 of stage 24c's EMA (measured in session 26)
-$PY scripts/embedded/average_exports.py --a $OUT/soup24b/export \
-  --b $OUT/stage24c/export_ema_step_$STAGE24C_STEPS --alpha 0.3333333333333333 --dest $OUT/soup24c/export
-# stage 24d: stage 24 a fourth time with seed 243 (p26/RESULTS.md)
-[ -d $OUT/stage24d/ckpt/step_$STAGE24D_STEPS ] || $CHEERS train scripts/embedded/p26/stage24d_seed243.yaml \
-  model.channels_last=true debug.max_steps_this_run=$STAGE24D_STEPS --resume "$@"
-$PY scripts/embedded/export_step.py $OUT/stage24d/ckpt/step_$STAGE24D_STEPS \
-  $OUT/stage24d/export_ema_step_$STAGE24D_STEPS --ema
-# the shipped weights (session 26): 1/4 of each of the four EMAs = 3/4 of the average of three + 1/4 of stage 24d's
-# EMA (p26/RESULTS.md)
-$PY scripts/embedded/average_exports.py --a $OUT/soup24c/export \
-  --b $OUT/stage24d/export_ema_step_$STAGE24D_STEPS --alpha 0.25 --dest $OUT/soup24d/export
-$PY scripts/embedded/package.py --export $OUT/soup24d/export --dest src/cheers/assets/cheers-shapes \
+# stage 24 and its re-runs from the same package with other seeds (24b, 24c: p25/RESULTS.md; 24d: p26/RESULTS.md).
+# Each EMA alone draws worse than the package; the running mean of the EMAs does not, and keeps the MCQ skill they
+# share: soup24b = the midpoint of 24 and 24b (shipped in session 25), soup24c = the mean of three, soup24d = the
+# mean of four (shipped in session 26). Session 24 shipped the package + stage 24 EMA midpoint.
+MEMBERS="24:p24/stage24_mcq_same_generation.yaml 24b:p25/stage24b_seed241.yaml 24c:p25/stage24c_seed242.yaml
+  24d:p26/stage24d_seed243.yaml"
+k=0
+MEAN=
+for member in $MEMBERS; do
+  tag=${member%%:*}
+  steps_var=STAGE$(echo "$tag" | tr a-z A-Z)_STEPS
+  steps=${!steps_var}
+  [ -d $OUT/stage$tag/ckpt/step_$steps ] || $CHEERS train scripts/embedded/${member#*:} \
+    model.channels_last=true debug.max_steps_this_run=$steps --resume "$@"
+  $PY scripts/embedded/export_step.py $OUT/stage$tag/ckpt/step_$steps $OUT/stage$tag/export_ema_step_$steps --ema
+  k=$((k + 1))
+  if [ $k -eq 1 ]; then
+    MEAN=$OUT/stage$tag/export_ema_step_$steps
+  else  # mean of k = (k - 1)/k of the mean of k - 1 + 1/k of the new EMA
+    $PY scripts/embedded/average_exports.py --a $MEAN --b $OUT/stage$tag/export_ema_step_$steps \
+      --alpha "$($PY -c "print(1 / $k)")" --dest $OUT/soup$tag/export
+    MEAN=$OUT/soup$tag/export
+  fi
+done
+$PY scripts/embedded/package.py --export $MEAN --dest src/cheers/assets/cheers-shapes \
   --cfg 5 --cfg-interval 0,0.4 --sampler renoise --steps 40
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
