@@ -1,0 +1,109 @@
+"""The embedded model's recipe (scripts/embedded/train_embedded.sh) is hours of CPU training: a wrong config path or a
+re-run that differs from stage 24 in more than its seed would only show up after the earlier stages finished. These
+tests read the script itself and check what it will run, without training."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cheers.train.settings import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "scripts/embedded/train_embedded.sh"
+
+
+def _recipe_text() -> str:
+    return RECIPE.read_text()
+
+
+def _members() -> list[tuple[str, str]]:
+    """(tag, config path under scripts/embedded) of the stage-24 family, in the order the loop averages them."""
+    m = re.search(r'^MEMBERS="([^"]*)"', _recipe_text(), flags=re.M)
+    assert m, f"{RECIPE}: no MEMBERS=\"...\" list"
+    return [tuple(entry.split(":", 1)) for entry in m.group(1).split()]  # type: ignore[misc]
+
+
+def _flat(cfg) -> dict[str, object]:
+    out: dict[str, object] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            out[prefix] = node
+
+    walk(dataclasses.asdict(cfg), "")
+    return out
+
+
+def test_recipe_is_valid_bash() -> None:
+    res = subprocess.run(["bash", "-n", str(RECIPE)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_every_stage_config_the_recipe_names_exists_and_loads() -> None:
+    text = _recipe_text()
+    named = set(re.findall(r"scripts/embedded/([\w./-]+\.yaml)", text))
+    named |= {path for _, path in _members()}
+    assert len(named) >= 15, f"expected the recipe's ~17 stage configs, found {sorted(named)}"
+    for rel in sorted(named):
+        path = REPO / "scripts/embedded" / rel
+        assert path.is_file(), f"{RECIPE} names {rel}, which does not exist"
+        cfg = load_config(path)
+        assert cfg.steps > 0 and cfg.output_dir, rel
+
+
+def test_stage24_family_differs_only_in_seed_stage_and_output() -> None:
+    """The shipped weights are a mean of re-runs of one stage: each member must be that stage with another seed."""
+    members = _members()
+    assert [tag for tag, _ in members] == ["24", "24b", "24c", "24d"]
+    flats = [_flat(load_config(REPO / "scripts/embedded" / path)) for _, path in members]
+    base = flats[0]
+    for (tag, path), flat in zip(members[1:], flats[1:]):
+        differ = {k for k in base.keys() | flat.keys() if base.get(k) != flat.get(k)}
+        assert differ == {"seed", "stage", "output_dir"}, f"{path}: differs from stage 24 in {sorted(differ)}"
+        assert flat["output_dir"] == f"runs/embedded/stage{tag}", path
+    seeds = [f["seed"] for f in flats]
+    assert len(set(seeds)) == len(seeds), f"members share a seed: {seeds}"
+
+
+def test_every_member_has_a_step_count_variable() -> None:
+    text = _recipe_text()
+    for tag, _ in _members():
+        var = f"STAGE{tag.upper()}_STEPS"
+        assert re.search(rf"^{var}=\$\{{{var}:-\d+\}}$", text, flags=re.M), f"{RECIPE}: no default for {var}"
+
+
+def test_member_loop_trains_each_member_and_keeps_the_running_mean(tmp_path: Path) -> None:
+    """Run the recipe's stage-24 loop with the trainer and the scripts replaced by a recorder: each member trains from
+    its own config, and the averages give every member weight 1/k (alpha 1/2, 1/3, 1/4 on the running mean)."""
+    text = _recipe_text()
+    start = text.index("MEMBERS=")
+    end = text.index("\n", text.index("scripts/embedded/package.py --export $MEAN"))
+    steps = "\n".join(re.findall(r"^STAGE24[A-Z]?_STEPS=.*$", text, flags=re.M))
+    stub = tmp_path / "stub.py"
+    # stands in for the venv's python: runs `-c` snippets (the loop computes alpha with one), records everything else
+    stub.write_text("import sys\nif sys.argv[1] == '-c':\n    exec(sys.argv[2])\n"
+                    "else:\n    print('PY', *sys.argv[1:])\n")
+    script = f'set -euo pipefail\nPY="{sys.executable} {stub}"\nCHEERS="echo TRAIN"\nOUT={tmp_path}/out\n{steps}\n'
+    script += text[start:end].rstrip("\\") + "\n"
+    res = subprocess.run(["bash", "-c", script, "recipe"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    trained = [ln.split()[2] for ln in lines if ln.startswith("TRAIN")]
+    assert trained == [f"scripts/embedded/{path}" for _, path in _members()]
+    averages = [ln.split() for ln in lines if "average_exports.py" in ln]
+    assert [a[a.index("--alpha") + 1] for a in averages] == ["0.5", "0.3333333333333333", "0.25"]
+    soups = [f"{tmp_path}/out/soup{t}/export" for t in ("24b", "24c", "24d")]
+    assert [a[a.index("--dest") + 1] for a in averages] == soups
+    assert averages[0][averages[0].index("--a") + 1] == f"{tmp_path}/out/stage24/export_ema_step_2000"
+    assert averages[2][averages[2].index("--a") + 1] == f"{tmp_path}/out/soup24c/export"
+    package = [ln.split() for ln in lines if "package.py" in ln]
+    assert len(package) == 1 and package[0][package[0].index("--export") + 1] == f"{tmp_path}/out/soup24d/export"
