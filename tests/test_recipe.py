@@ -4,7 +4,6 @@ tests read the script itself and check what it will run, without training."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cheers.train.settings import load_config
+from cheers.train.settings import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "scripts/embedded/train_embedded.sh"
@@ -29,7 +28,7 @@ def _members() -> list[tuple[str, str]]:
     return [tuple(entry.split(":", 1)) for entry in m.group(1).split()]  # type: ignore[misc]
 
 
-def _flat(cfg) -> dict[str, object]:
+def _flat(cfg: TrainConfig) -> dict[str, object]:
     out: dict[str, object] = {}
 
     def walk(node, prefix: str) -> None:
@@ -39,7 +38,7 @@ def _flat(cfg) -> dict[str, object]:
         else:
             out[prefix] = node
 
-    walk(dataclasses.asdict(cfg), "")
+    walk(cfg.to_dict(), "")
     return out
 
 
