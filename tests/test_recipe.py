@@ -15,6 +15,8 @@ from cheers.train.settings import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "scripts/embedded/train_embedded.sh"
+HEAD_ONLY = "p27/stage25_head_only.yaml"
+HEAD_PATTERNS = ["model.gen_projector.*", "model.hi_gate.*", "model.hi_projector.*", "model.time_embed.*"]
 
 
 def _recipe_text() -> str:
@@ -81,12 +83,13 @@ def test_every_member_has_a_step_count_variable() -> None:
 
 
 def test_member_loop_trains_each_member_and_keeps_the_running_mean(tmp_path: Path) -> None:
-    """Run the recipe's stage-24 loop with the trainer and the scripts replaced by a recorder: each member trains from
-    its own config, and the averages give every member weight 1/k (alpha 1/2, 1/3, 1/4 on the running mean)."""
+    """Run the recipe from the stage-24 loop to the shipped package with the trainer and the scripts replaced by a
+    recorder: each member trains from its own config, the averages give every member weight 1/k (alpha 1/2, 1/3,
+    1/4 on the running mean), the head-only stage 25 follows, and its EMA is what gets packaged."""
     text = _recipe_text()
     start = text.index("MEMBERS=")
-    end = text.index("\n", text.index("scripts/embedded/package.py --export $MEAN"))
-    steps = "\n".join(re.findall(r"^STAGE24[A-Z]?_STEPS=.*$", text, flags=re.M))
+    end = text.index("\n", text.index("--dest src/cheers/assets/cheers-shapes"))
+    steps = "\n".join(re.findall(r"^STAGE2[45][A-Z]?_STEPS=.*$", text, flags=re.M))
     stub = tmp_path / "stub.py"
     # stands in for the venv's python: runs `-c` snippets (the loop computes alpha with one), records everything else
     stub.write_text("import sys\nif sys.argv[1] == '-c':\n    exec(sys.argv[2])\n"
@@ -97,12 +100,69 @@ def test_member_loop_trains_each_member_and_keeps_the_running_mean(tmp_path: Pat
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     trained = [ln.split()[2] for ln in lines if ln.startswith("TRAIN")]
-    assert trained == [f"scripts/embedded/{path}" for _, path in _members()]
+    assert trained == [f"scripts/embedded/{path}" for _, path in _members()] + [f"scripts/embedded/{HEAD_ONLY}"]
     averages = [ln.split() for ln in lines if "average_exports.py" in ln]
     assert [a[a.index("--alpha") + 1] for a in averages] == ["0.5", "0.3333333333333333", "0.25"]
     soups = [f"{tmp_path}/out/soup{t}/export" for t in ("24b", "24c", "24d")]
     assert [a[a.index("--dest") + 1] for a in averages] == soups
     assert averages[0][averages[0].index("--a") + 1] == f"{tmp_path}/out/stage24/export_ema_step_2000"
     assert averages[2][averages[2].index("--a") + 1] == f"{tmp_path}/out/soup24c/export"
+    exports = [ln.split() for ln in lines if "export_step.py" in ln]
+    assert exports[-1][2:] == [f"{tmp_path}/out/stage25/ckpt/step_1500", f"{tmp_path}/out/stage25/export_ema_step_1500",
+                               "--ema"]
     package = [ln.split() for ln in lines if "package.py" in ln]
-    assert len(package) == 1 and package[0][package[0].index("--export") + 1] == f"{tmp_path}/out/soup24d/export"
+    assert len(package) == 1
+    assert package[0][package[0].index("--export") + 1] == f"{tmp_path}/out/stage25/export_ema_step_1500"
+    assert package[0][package[0].index("--dest") + 1] == "src/cheers/assets/cheers-shapes"
+    # stage 25 starts from the mean the loop ends with (the recipe runs with OUT=runs/embedded)
+    head_cfg = load_config(REPO / "scripts/embedded" / HEAD_ONLY)
+    assert head_cfg.model.init == "runs/embedded/soup24d/export"
+
+
+def test_head_only_stage_is_stage_24_with_only_the_head_and_its_generation_sources() -> None:
+    head = load_config(REPO / "scripts/embedded" / HEAD_ONLY)
+    base = load_config(REPO / "scripts/embedded" / _members()[0][1])
+    assert list(head.trainable.include) == HEAD_PATTERNS and list(head.trainable.exclude) == []
+    picture_free = [s for s in base.data.sources if s.task in ("generation", "edit")]
+    assert [(s.name, s.path, s.weight, s.task) for s in head.data.sources] == \
+        [(s.name, s.path, s.weight, s.task) for s in picture_free]
+    a, b = _flat(head), _flat(base)
+    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    assert differ == {"seed", "stage", "output_dir", "steps", "model.init", "trainable.include", "trainable.exclude",
+                      "data.sources"}, sorted(differ)
+
+
+def test_head_only_stage_leaves_understanding_unchanged() -> None:
+    """Stage 25 is shipped on the claim that understanding reads none of the parameters it trains: change all of them
+    and the answer logits must be bit-identical, while the velocity of a generated image must move."""
+    from cheers import constants as C
+    from cheers.config import preset
+    from cheers.model.cheers import CheersModel
+    from cheers.train.optim import select_trainable
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = CheersModel(preset("cheers-tiny")).eval()
+    head = load_config(REPO / "scripts/embedded" / HEAD_ONLY)
+    trainable, frozen = select_trainable(model, list(head.trainable.include), list(head.trainable.exclude))
+    assert trainable and frozen
+    assert all(any(n.startswith(p[:-1]) for p in HEAD_PATTERNS) for n in trainable), trainable
+    g, c = model.config.grid, model.config.latent_channels
+    latents = torch.randn(2, c, g, g)
+    read = torch.tensor([[10, 11, C.IMAGE_PLACEHOLDER, 12, 13, 14]])
+    gen = torch.tensor([[10, 11, 12, C.IMAGE_GEN_PLACEHOLDER, 13]])
+
+    def run():
+        with torch.no_grad():
+            und = model(read, t=torch.ones(1), latents=latents[:1], return_logits=True).logits
+            vel = model(gen, t=torch.full((1,), 0.3), latents=latents[1:], x0=torch.zeros_like(latents[1:])).velocity
+        return und, vel
+
+    und0, vel0 = run()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    und1, vel1 = run()
+    assert torch.equal(und0, und1)
+    assert (vel0 - vel1).abs().max() > 1e-3
