@@ -474,3 +474,22 @@ def test_gate_knockout_reports_gate_values_and_cuts_the_detail_path():
         model.model.hi_gate.enabled = True
     assert off > 2 * on, (on, off)
     assert flow.flow_errors(model, tok, 1, 3)["prompt"]["mean"] == pytest.approx(on, rel=1e-6)
+
+
+def test_memorisation_probe_reads_training_images_by_category_and_scores_both_sides(tmp_path):
+    """memorisation_probe.py: the first n training images of each category with their prompts, and one velocity
+    error per (category, t); pairing the prompts with other images changes the error (it is computed on them)."""
+    from cheers.eval.shapes import make_dataset
+
+    mod = _script("memorisation_probe")
+    jsonl = make_dataset(tmp_path, {"single_object": 3, "colors": 3}, 0, "train", 64, meta="none", name="gen")
+    texts, images, cats = mod.training_items(jsonl, 2)
+    assert cats == ["single_object"] * 2 + ["colors"] * 2 and len(texts) == len(images) == 4
+    assert all(t.endswith("generate an image.") for t in texts) and images[0].size == (64, 64)
+    c = Cheers.from_pretrained(None)
+    err = mod.errors(c.model, c.tokenizer, texts, images, cats, batch=3)
+    summary = mod.summary(err)
+    assert sorted(summary["by_category"]) == ["colors", "single_object"]
+    assert all(len(v) == 5 for v in summary["by_category"].values()) and 0 < summary["overall"] < 5
+    swapped = mod.summary(mod.errors(c.model, c.tokenizer, texts, images[::-1], cats, batch=3))
+    assert swapped["overall"] != summary["overall"]
