@@ -16,6 +16,7 @@ from cheers.train.settings import TrainConfig, load_config
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "scripts/embedded/train_embedded.sh"
 HEAD_ONLY = "p27/stage25_head_only.yaml"
+HEAD_ONLY_MORE = "p27/stage26_head_only_more.yaml"
 HEAD_PATTERNS = ["model.gen_projector.*", "model.hi_gate.*", "model.hi_projector.*", "model.time_embed.*"]
 
 
@@ -85,11 +86,11 @@ def test_every_member_has_a_step_count_variable() -> None:
 def test_member_loop_trains_each_member_and_keeps_the_running_mean(tmp_path: Path) -> None:
     """Run the recipe from the stage-24 loop to the shipped package with the trainer and the scripts replaced by a
     recorder: each member trains from its own config, the averages give every member weight 1/k (alpha 1/2, 1/3,
-    1/4 on the running mean), the head-only stage 25 follows, and its EMA is what gets packaged."""
+    1/4 on the running mean), the head-only stages 25 and 26 follow, and stage 26's EMA is what gets packaged."""
     text = _recipe_text()
     start = text.index("MEMBERS=")
     end = text.index("\n", text.index("--dest src/cheers/assets/cheers-shapes"))
-    steps = "\n".join(re.findall(r"^STAGE2[45][A-Z]?_STEPS=.*$", text, flags=re.M))
+    steps = "\n".join(re.findall(r"^STAGE2[4-6][A-Z]?_STEPS=.*$", text, flags=re.M))
     stub = tmp_path / "stub.py"
     # stands in for the venv's python: runs `-c` snippets (the loop computes alpha with one), records everything else
     stub.write_text("import sys\nif sys.argv[1] == '-c':\n    exec(sys.argv[2])\n"
@@ -100,7 +101,8 @@ def test_member_loop_trains_each_member_and_keeps_the_running_mean(tmp_path: Pat
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     trained = [ln.split()[2] for ln in lines if ln.startswith("TRAIN")]
-    assert trained == [f"scripts/embedded/{path}" for _, path in _members()] + [f"scripts/embedded/{HEAD_ONLY}"]
+    assert trained == [f"scripts/embedded/{path}" for _, path in _members()] + [f"scripts/embedded/{HEAD_ONLY}",
+                                                                         f"scripts/embedded/{HEAD_ONLY_MORE}"]
     averages = [ln.split() for ln in lines if "average_exports.py" in ln]
     assert [a[a.index("--alpha") + 1] for a in averages] == ["0.5", "0.3333333333333333", "0.25"]
     soups = [f"{tmp_path}/out/soup{t}/export" for t in ("24b", "24c", "24d")]
@@ -108,15 +110,23 @@ def test_member_loop_trains_each_member_and_keeps_the_running_mean(tmp_path: Pat
     assert averages[0][averages[0].index("--a") + 1] == f"{tmp_path}/out/stage24/export_ema_step_2000"
     assert averages[2][averages[2].index("--a") + 1] == f"{tmp_path}/out/soup24c/export"
     exports = [ln.split() for ln in lines if "export_step.py" in ln]
-    assert exports[-1][2:] == [f"{tmp_path}/out/stage25/ckpt/step_1500", f"{tmp_path}/out/stage25/export_ema_step_1500",
+    assert exports[-2][2:] == [f"{tmp_path}/out/stage25/ckpt/step_1500", f"{tmp_path}/out/stage25/export_ema_step_1500",
+                               "--ema"]
+    assert exports[-1][2:] == [f"{tmp_path}/out/stage26/ckpt/step_3000", f"{tmp_path}/out/stage26/export_ema_step_3000",
                                "--ema"]
     package = [ln.split() for ln in lines if "package.py" in ln]
     assert len(package) == 1
-    assert package[0][package[0].index("--export") + 1] == f"{tmp_path}/out/stage25/export_ema_step_1500"
+    assert package[0][package[0].index("--export") + 1] == f"{tmp_path}/out/stage26/export_ema_step_3000"
     assert package[0][package[0].index("--dest") + 1] == "src/cheers/assets/cheers-shapes"
     # stage 25 starts from the mean the loop ends with (the recipe runs with OUT=runs/embedded)
     head_cfg = load_config(REPO / "scripts/embedded" / HEAD_ONLY)
     assert head_cfg.model.init == "runs/embedded/soup24d/export"
+    # stage 26 continues from stage 25's exported EMA, and differs from stage 25 only in that and its own run
+    more = load_config(REPO / "scripts/embedded" / HEAD_ONLY_MORE)
+    assert more.model.init == "runs/embedded/stage25/export_ema_step_1500"
+    a, b = _flat(more), _flat(head_cfg)
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"seed", "stage", "output_dir", "steps",
+                                                                       "model.init"}
 
 
 def test_head_only_stage_is_stage_24_with_only_the_head_and_its_generation_sources() -> None:

@@ -10,8 +10,8 @@
 # still, 20 % uniform draws) -> the average of stage 19's export and stage 20's EMA -> its fp16 package -> stage 24
 # (picture multiple-choice questions at ~30 % of the samples, generation share unchanged), stages 24b, 24c and 24d
 # (the same from the same package, three more seeds) -> the average of the four EMAs -> stage 25 (only the
-# generation head trained, on the generation and edit samples) -> the fp16 package of its EMA into
-# src/cheers/assets/cheers-shapes.
+# generation head trained, on the generation and edit samples) -> stage 26 (the same, continued from stage 25's EMA)
+# -> the fp16 package of its EMA into src/cheers/assets/cheers-shapes.
 # Same seed -> same weights on the same machine (single process, fixed seeds everywhere).
 # Resumable: re-running continues each stage from its latest checkpoint.
 #   JOINT_STEPS: where the joint stage stops on its 4,000-step cosine schedule (the shipped model: all 4,000).
@@ -31,7 +31,8 @@
 #   STAGE24B_STEPS: where stage 24b stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 #   STAGE24C_STEPS: where stage 24c stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
 #   STAGE24D_STEPS: where stage 24d stops on its 2,000-step schedule (the shipped model: all 2,000, its EMA).
-#   STAGE25_STEPS: where stage 25 (head only) stops on its 1,500-step schedule (the shipped model: all 1,500, its EMA).
+#   STAGE25_STEPS: where stage 25 (head only) stops on its 1,500-step schedule (all 1,500; stage 26 starts from its EMA).
+#   STAGE26_STEPS: where stage 26 (head only) stops on its 3,000-step schedule (the shipped model: all 3,000, its EMA).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -54,6 +55,7 @@ STAGE24B_STEPS=${STAGE24B_STEPS:-2000}
 STAGE24C_STEPS=${STAGE24C_STEPS:-2000}
 STAGE24D_STEPS=${STAGE24D_STEPS:-2000}
 STAGE25_STEPS=${STAGE25_STEPS:-1500}
+STAGE26_STEPS=${STAGE26_STEPS:-3000}
 [ -f $OUT/data/tokenizer/tokenizer.json ] || $PY scripts/embedded/make_data.py --out $OUT/data
 [ -f $OUT/stage0_vae/export/config.json ] || $CHEERS train scripts/embedded/stage0_vae.yaml model.channels_last=true --resume "$@"
 [ -d $OUT/joint/ckpt/step_$JOINT_STEPS ] || $CHEERS train scripts/embedded/stage2_joint.yaml model.channels_last=true \
@@ -163,12 +165,15 @@ for member in $MEMBERS; do
   fi
 done
 # stage 25 starts from the mean of four and trains only the generation head (gen_projector, hi_gate, hi_projector,
-# time_embed) on the generation and edit sources; understanding reads none of those, so it is unchanged
-# (p27/RESULTS.md). Its EMA is shipped (session 27).
+# time_embed) on the generation and edit sources; understanding reads none of those, so it is unchanged; stage 26
+# continues it from its EMA (p27/RESULTS.md). Stage 26's EMA is shipped (session 27).
 [ -d $OUT/stage25/ckpt/step_$STAGE25_STEPS ] || $CHEERS train scripts/embedded/p27/stage25_head_only.yaml \
   model.channels_last=true debug.max_steps_this_run=$STAGE25_STEPS --resume "$@"
 $PY scripts/embedded/export_step.py $OUT/stage25/ckpt/step_$STAGE25_STEPS $OUT/stage25/export_ema_step_$STAGE25_STEPS --ema
-$PY scripts/embedded/package.py --export $OUT/stage25/export_ema_step_$STAGE25_STEPS \
+[ -d $OUT/stage26/ckpt/step_$STAGE26_STEPS ] || $CHEERS train scripts/embedded/p27/stage26_head_only_more.yaml \
+  model.channels_last=true debug.max_steps_this_run=$STAGE26_STEPS --resume "$@"
+$PY scripts/embedded/export_step.py $OUT/stage26/ckpt/step_$STAGE26_STEPS $OUT/stage26/export_ema_step_$STAGE26_STEPS --ema
+$PY scripts/embedded/package.py --export $OUT/stage26/export_ema_step_$STAGE26_STEPS \
   --dest src/cheers/assets/cheers-shapes --cfg 5 --cfg-interval 0,0.4 --sampler renoise --steps 40
 # measurements for the model card (held-out evaluation split, seed 1)
 $PY scripts/embedded/evaluate.py --model src/cheers/assets/cheers-shapes --out $OUT/eval --n 20 --n-digits 100 --compare-samplers
