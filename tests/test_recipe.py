@@ -130,6 +130,8 @@ def test_member_loop_trains_each_member_and_keeps_the_running_mean(tmp_path: Pat
 
 
 def test_head_only_stage_is_stage_24_with_only_the_head_and_its_generation_sources() -> None:
+    """Stage 25 keeps stage 24's settings and the weights of its generation and edit sources; what it changes is
+    named here, so a stray override (another lr, flow-time law or EMA) fails."""
     head = load_config(REPO / "scripts/embedded" / HEAD_ONLY)
     base = load_config(REPO / "scripts/embedded" / _members()[0][1])
     assert list(head.trainable.include) == HEAD_PATTERNS and list(head.trainable.exclude) == []
@@ -170,7 +172,7 @@ def test_head_only_stage_leaves_understanding_unchanged() -> None:
 
     und0, vel0 = run()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
     und1, vel1 = run()
