@@ -22,12 +22,17 @@ from cheers.tokenizer import CheersTokenizer
 T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
+def training_rows(tok: CheersTokenizer, texts: list[str], tokens) -> list[list[int]]:
+    """Teacher-forced generation rows as training sees them: the t2i prompt, then `<image_gen><im_end>`."""
+    return [tok.encode_prompt(text, task="t2i") + [C.IMAGE_GEN_PLACEHOLDER, tokens.img_end] for text in texts]
+
+
 @torch.no_grad()
 def oracle_batch(model, tok, n: int, seed: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
     """Generation prompts of the eval split (n per category), the latents of oracle renders of them, fixed noise."""
     items = eval_prompts(seed=seed, n=n, resolution=model.config.resolution, families=("generation",))["generation"]
     t_ids = model.config.tokens
-    rows = [tok.encode_prompt(it.text, task="t2i") + [C.IMAGE_GEN_PLACEHOLDER, t_ids.img_end] for it in items]
+    rows = training_rows(tok, [it.text for it in items], t_ids)
     pixels = torch.stack([preprocess_generation(render_scene(it.spec, model.config.resolution), model.config.resolution)
                           for it in items])
     lat = model.encode_images(pixels)

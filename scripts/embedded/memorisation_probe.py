@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cheers import constants as C
 from cheers.checkpoint import load_model
 from cheers.eval.shapes import eval_prompts, render_scene
 from cheers.processor import preprocess_generation
@@ -23,7 +22,7 @@ from cheers.sampling import left_pad
 from cheers.tokenizer import CheersTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts are not a package
-from flow_loss import T_GRID  # noqa: E402
+from flow_loss import T_GRID, training_rows  # noqa: E402
 
 
 def training_items(jsonl: Path, n: int) -> tuple[list[str], list[Image.Image], list[str]]:
@@ -51,7 +50,7 @@ def errors(model, tok, texts: list[str], images: list[Image.Image], cats: list[s
     res = model.config.resolution
     out: dict[tuple[str, float], list[float]] = defaultdict(list)
     for s in range(0, len(texts), batch):
-        rows = [tok.encode_prompt(t, task="t2i") + [C.IMAGE_GEN_PLACEHOLDER, ids_of.img_end] for t in texts[s:s + batch]]
+        rows = training_rows(tok, texts[s:s + batch], ids_of)
         lat = model.encode_images(torch.stack([preprocess_generation(im, res) for im in images[s:s + batch]]))
         noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(s))
         ids, mask = left_pad(rows, ids_of.pad)

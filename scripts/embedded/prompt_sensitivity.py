@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
-from cheers import constants as C
 from cheers.checkpoint import load_model
 from cheers.eval.shapes import GEN_SUFFIX, ObjectSpec, SceneSpec, render_scene
 from cheers.processor import preprocess_generation
 from cheers.sampling import left_pad
 from cheers.tokenizer import CheersTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts are not a package
+from flow_loss import training_rows  # noqa: E402
 
 T_GRID = (0.1, 0.3, 0.5, 0.7)
 WORD_SETS = {
@@ -54,8 +58,7 @@ def sensitivity(model, tok, seeds: int = 4) -> dict:
     try:
         report: dict = {}
         for name, prompts in WORD_SETS.items():
-            rows = [tok.encode_prompt(p + GEN_SUFFIX, task="t2i") + [C.IMAGE_GEN_PLACEHOLDER, t_ids.img_end]
-                    for p in prompts]
+            rows = training_rows(tok, [p + GEN_SUFFIX for p in prompts], t_ids)
             ids, mask = left_pad(rows, t_ids.pad)
             k = len(rows)
             report[name] = {}
