@@ -45,6 +45,11 @@ def _flat(cfg: TrainConfig) -> dict[str, object]:
     return out
 
 
+def _differ(a: dict[str, object], b: dict[str, object]) -> set[str]:
+    """Keys of two flattened configs whose values differ (or that only one has)."""
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
 def test_recipe_is_valid_bash() -> None:
     res = subprocess.run(["bash", "-n", str(RECIPE)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -69,7 +74,7 @@ def test_stage24_family_differs_only_in_seed_stage_and_output() -> None:
     flats = [_flat(load_config(REPO / "scripts/embedded" / path)) for _, path in members]
     base = flats[0]
     for (tag, path), flat in zip(members[1:], flats[1:]):
-        differ = {k for k in base.keys() | flat.keys() if base.get(k) != flat.get(k)}
+        differ = _differ(base, flat)
         assert differ == {"seed", "stage", "output_dir"}, f"{path}: differs from stage 24 in {sorted(differ)}"
         assert flat["output_dir"] == f"runs/embedded/stage{tag}", path
     seeds = [f["seed"] for f in flats]
@@ -124,9 +129,7 @@ def test_member_loop_trains_each_member_and_keeps_the_running_mean(tmp_path: Pat
     # stage 26 continues from stage 25's exported EMA, and differs from stage 25 only in that and its own run
     more = load_config(REPO / "scripts/embedded" / HEAD_ONLY_MORE)
     assert more.model.init == "runs/embedded/stage25/export_ema_step_1500"
-    a, b = _flat(more), _flat(head_cfg)
-    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"seed", "stage", "output_dir", "steps",
-                                                                       "model.init"}
+    assert _differ(_flat(more), _flat(head_cfg)) == {"seed", "stage", "output_dir", "steps", "model.init"}
 
 
 def test_head_only_stage_is_stage_24_with_only_the_head_and_its_generation_sources() -> None:
@@ -138,8 +141,7 @@ def test_head_only_stage_is_stage_24_with_only_the_head_and_its_generation_sourc
     picture_free = [s for s in base.data.sources if s.task in ("generation", "edit")]
     assert [(s.name, s.path, s.weight, s.task) for s in head.data.sources] == \
         [(s.name, s.path, s.weight, s.task) for s in picture_free]
-    a, b = _flat(head), _flat(base)
-    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    differ = _differ(_flat(head), _flat(base))
     assert differ == {"seed", "stage", "output_dir", "steps", "model.init", "trainable.include", "trainable.exclude",
                       "data.sources"}, sorted(differ)
 
