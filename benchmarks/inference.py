@@ -25,6 +25,7 @@ from _common import SHARED, matmul_peak, peak_rss_gb  # noqa: E402  (puts src/ o
 from cheers import sampling as S  # noqa: E402
 from cheers.checkpoint import load_model  # noqa: E402
 from cheers.config import preset  # noqa: E402
+from cheers.decoding import OutputHead  # noqa: E402
 from cheers.model.cheers import CheersModel  # noqa: E402
 
 # ../shared/parity/BASELINE.md (official code, fp32, 2 threads): medians
@@ -100,12 +101,13 @@ def step_flops(model_cfg, batch: int) -> float:
 
 
 @torch.no_grad()
-def decode_rate(model: CheersModel, n_tokens: int = 32, repeats: int = 5, speculate: int | None = None) -> dict:
+def decode_rate(head: OutputHead, n_tokens: int = 32, repeats: int = 5, speculate: int | None = None) -> dict:
     """Golden-a prompt + image, greedy, n tokens; rate over tokens 2..n (KV cache). `speculate` = the prompt-lookup
     draft length (None: the pipeline's default, off at this size; 4: forced on)."""
     from safetensors.torch import load_file
 
     a = load_file(str(SHARED / "parity" / "goldens" / "a_understanding.safetensors"))
+    model = head.model
     ids, mask = a["input_ids"][None], a["attention_mask"][None]
     rates, prefills = [], []
     for rep in range(repeats + 1):
@@ -114,7 +116,7 @@ def decode_rate(model: CheersModel, n_tokens: int = 32, repeats: int = 5, specul
         prefix = S.prefill(model, ids, mask, latents)
         marks = []
         for _ in S.decode_tokens(model, prefix, S.TextSampling(max_new_tokens=n_tokens, speculate=speculate),
-                                 prompt_ids=ids):
+                                 prompt_ids=ids, head=head):
             marks.append(time.perf_counter())
         if rep:
             prefills.append(marks[0] - t0)
@@ -145,17 +147,18 @@ def main() -> None:
         rows.append(r)
     nan = {"decode_tok_s": float("nan"), "prefill_s": float("nan")}
     have_goldens = (SHARED / "parity").exists()
-    dec = decode_rate(tiny, repeats=3 if args.quick else 5) if have_goldens else nan
-    dec_spec = decode_rate(tiny, repeats=3 if args.quick else 5, speculate=4) if have_goldens else nan
+    head = OutputHead(tiny)
+    dec = decode_rate(head, repeats=3 if args.quick else 5) if have_goldens else nan
+    dec_spec = decode_rate(head, repeats=3 if args.quick else 5, speculate=4) if have_goldens else nan
     # opt-in compiled decoding (Cheers.from_pretrained(..., compile=True) / --compile); decode_rate's first
     # repeat is untimed, so it carries the one-time compile, timed separately here
     dec_c, compile_s = nan, float("nan")
     if have_goldens and not args.no_compile:
-        tiny.compile_decoding()
+        head.compile()
         t0 = time.perf_counter()
-        decode_rate(tiny, n_tokens=4, repeats=1)  # compiles prefill + one-token graphs; the timed run follows
+        decode_rate(head, n_tokens=4, repeats=1)  # compiles prefill + one-token graphs; the timed run follows
         compile_s = time.perf_counter() - t0
-        dec_c = decode_rate(tiny, repeats=3 if args.quick else 5)
+        dec_c = decode_rate(head, repeats=3 if args.quick else 5)
     print("\ntiny parity configuration (18.1 M parameters, 128 px, 16 image tokens), T2I with CFG:")
     print(f"{'batch':>5} {'s/step':>9} {'images/s':>9} {'GFLOP/step':>11} {'of peak':>8}")
     for r in rows:

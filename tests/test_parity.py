@@ -42,7 +42,7 @@ def test_vae_encode_decode(parity_model):
 
 
 @pytest.mark.parametrize("name", ["a_understanding", "b_text_only"])
-def test_understanding_forward_and_greedy(parity_model, name):
+def test_understanding_forward_and_greedy(parity_model, name, head=None):
     g = golden(name)
     m = parity_model
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_understanding_forward_and_greedy(parity_model, name):
     step_logits = []
     ids = []
     for tok in S.decode_tokens(m, prefix, S.TextSampling(max_new_tokens=len(g["greedy_ids"])),
-                               logits_hook=step_logits.append):
+                               logits_hook=step_logits.append, head=head):
         ids.append(int(tok[0]))
     assert ids == g["greedy_ids"].tolist()
     got = torch.stack([s[0] for s in step_logits])

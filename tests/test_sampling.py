@@ -80,23 +80,25 @@ def test_pipeline_answers_are_the_same_with_and_without_drafts():
 
 def test_eager_head_copy_gives_the_linear_logits_and_follows_weight_updates():
     from cheers.config import preset
+    from cheers.decoding import OutputHead
     from cheers.model.cheers import CheersModel
 
     torch.manual_seed(0)
-    m = CheersModel(preset("cheers-tiny")).eval()
-    h = torch.randn(3, m.config.text.hidden_size)
+    model = CheersModel(preset("cheers-tiny")).eval()
+    m = OutputHead(model)
+    h = torch.randn(3, model.config.text.hidden_size)
     with torch.no_grad():
-        ref = torch.nn.functional.linear(h, m.lm_head.weight)
+        ref = torch.nn.functional.linear(h, model.lm_head.weight)
         got = m.logits(h)
-        cols = m._head_columns()
-        assert cols is not None and cols.shape == (m.config.text.hidden_size, m.config.text.vocab_size)
+        cols = m.columns()
+        assert cols is not None and cols.shape == (model.config.text.hidden_size, model.config.text.vocab_size)
         assert torch.allclose(got, ref, atol=1e-5) and torch.equal(m.greedy(h), ref.argmax(-1))
         # an in-place update (an optimizer step) must not leave a stale copy behind
-        m.lm_head.weight.mul_(-1.0)
+        model.lm_head.weight.mul_(-1.0)
         assert torch.equal(m.greedy(h), (-ref).argmax(-1))
         assert torch.allclose(m.logits(h), -ref, atol=1e-5)
     # with gradients on (training) the copy is never used: the logits stay differentiable w.r.t. the weight
-    assert m._head_columns() is None
+    assert m.columns() is None
 
 
 # ---- the renoise sampler -------------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def test_every_entry_point_offers_the_same_samplers():
     from cheers import serve
     from cheers.cli import build_parser
 
-    assert serve.SAMPLERS == S.SAMPLERS
+    assert tuple(serve.SAMPLERS) == tuple(S.SAMPLERS)
     for name in S.SAMPLERS:
         for args in (["generate", "x"], ["edit", "in.png", "x"]):
             assert build_parser().parse_args([*args, "--sampler", name]).sampler == name

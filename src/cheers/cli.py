@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from cheers.demo import add_demo_subcommand
+from cheers.eval.cli import add_eval_subcommands
+from cheers.samplers import SAMPLERS
+from cheers.serve import add_serve_subcommand
+from cheers.train.cli import add_train_subcommand
+
 MODEL_HELP = "model directory (official format + tokenizer) or preset name; default: the embedded model"
 
 
@@ -25,9 +31,8 @@ def _add_image_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, reference 80)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (reference 9.5; 1 = off)")
     p.add_argument("--shift", type=float, default=None, help="time shift a of the sampling grid (reference 0.5)")
-    p.add_argument("--sampler", default=None, choices=["euler", "heun", "midpoint", "renoise"],
-                   help="euler (reference), heun / midpoint (second-order ODE) or renoise (stochastic: re-noises "
-                        "the predicted clean latent at every step)")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="; ".join(f"{s.name}: {s.summary}" for s in SAMPLERS.values()))
     p.add_argument("--cfg-interval", type=_interval, default=None, metavar="LO,HI",
                    help="guide only for LO <= t <= HI (t = 0 is noise; default: the model's, 0,1 = every step)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
@@ -236,28 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
 
-    _optional_subcommands(sub)
+    add_demo_subcommand(sub)
+    add_train_subcommand(sub)
+    add_eval_subcommands(sub)
+    add_serve_subcommand(sub)
     return p
-
-
-OPTIONAL_COMMANDS = (
-    ("cheers.demo", "add_demo_subcommand"),
-    ("cheers.train.cli", "add_train_subcommand"),
-    ("cheers.eval.cli", "add_eval_subcommands"),
-    ("cheers.serve", "add_serve_subcommand"),
-)
-
-
-def _optional_subcommands(sub) -> None:
-    """Commands whose modules are optional at import time (heavy or separately owned)."""
-    import importlib
-
-    for module, register in OPTIONAL_COMMANDS:
-        try:
-            add = getattr(importlib.import_module(module), register)
-        except ImportError:
-            continue
-        add(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,14 +20,16 @@ from PIL import Image
 from cheers import sampling as S
 from cheers.checkpoint import CheckpointError, load_model
 from cheers.config import CheersConfig, PRESETS, preset
+from cheers.decoding import OutputHead
 from cheers.model.cheers import CheersModel
 from cheers.processor import dummy_image, load_image, preprocess_understanding, tensor_to_pil
+from cheers.samplers import SAMPLERS, evaluations, get_sampler
 from cheers.tokenizer import CheersTokenizer
 
 ImageLike = Image.Image | str | os.PathLike | bytes
 Message = Mapping[str, Any]
 
-# Where the embedded default model lives (trained by our own trainer; see scripts/train_embedded.sh).
+# Where the embedded default model lives (trained by our own trainer; see recipes/cheers-shapes).
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "cheers-shapes"
 
 
@@ -74,6 +76,7 @@ class Cheers:
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
             self.model.channels_last_()
+        self.head = OutputHead(self.model)  # the output head's fast inference paths (compiled by `compile`)
         self.tokenizer = tokenizer
         self.config: CheersConfig = model.config
         self.image_defaults = image_defaults or ImageDefaults()
@@ -91,10 +94,10 @@ class Cheers:
                         compile: bool = False) -> "Cheers":
         """Load a model directory (official format + tokenizer files), the embedded default (None), or build a
         named preset with random weights (for benchmarks and tests; text tasks then need `tokenizer`).
-        `compile=True`: `CheersModel.compile_decoding` (faster decoding after a one-time compile)."""
+        `compile=True`: `OutputHead.compile` (faster decoding after a one-time compile)."""
         pipe = cls._load(path_or_preset, device, dtype, tokenizer)
         if compile:
-            pipe.model.compile_decoding()
+            pipe.head.compile()
         return pipe
 
     @classmethod
@@ -197,8 +200,7 @@ class Cheers:
         cfg_scale = d.cfg_scale if cfg_scale is None else float(cfg_scale)
         shift = d.shift if shift is None else float(shift)
         sampler = sampler or d.sampler
-        if sampler not in S.SAMPLERS:
-            raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(S.SAMPLERS)}")
+        get_sampler(sampler)  # an unknown name fails before any model work
         if edit:
             steps = max(1, math.floor((1 - t0) * steps))  # the reference runs floor(0.9 N) steps from t0 = 0.1
         tk = self.config.tokens
@@ -213,7 +215,7 @@ class Cheers:
             if progress:
                 from tqdm import tqdm
 
-                n_evals = S.evaluations(sampler, len(grid))
+                n_evals = evaluations(sampler, len(grid))
                 bar = tqdm(total=len(grid), desc=f"denoising ({n_evals} evaluations)", leave=False)
             x = S.integrate(velocity, x, grid, sampler, progress=(lambda i: bar.update(1)) if bar else None,
                             seeds=seeds)
@@ -312,7 +314,7 @@ class Cheers:
         self._check_length(rows, 1, "prompt")
         with self._autocast():
             prefix = self._prefill(rows, self._latents(self._row_images(rows, [0] * len(rows), pixels)))
-            return self.model.logits(prefix.last_hidden).float()
+            return self.head.logits(prefix.last_hidden).float()
 
     def _generate_text(self, rows: list[list[int]], pixels: list[torch.Tensor], s: S.TextSampling,
                        stops: list[str], seeds: list[int]) -> Iterator[list[str]]:
@@ -325,7 +327,7 @@ class Cheers:
             generated: list[list[int]] = [[] for _ in rows]
             done = [False] * len(rows)
             texts = [""] * len(rows)
-            for step in S.decode_tokens(self.model, prefix, s, prompt_ids=ids):
+            for step in S.decode_tokens(self.model, prefix, s, prompt_ids=ids, head=self.head):
                 for i, tkn in enumerate(step.tolist()):
                     if done[i]:
                         continue
@@ -440,7 +442,7 @@ def _read_defaults(path: Path) -> tuple[ImageDefaults, TextDefaults]:
             img.edit_start = check_edit_start(img.edit_start)
         except ValueError as err:
             raise CheckpointError(f"{f}: cheers.image.{err}") from None
-        if img.sampler not in S.SAMPLERS:
-            raise CheckpointError(f"{f}: cheers.image.sampler '{img.sampler}': expected one of {', '.join(S.SAMPLERS)}")
+        if img.sampler not in SAMPLERS:
+            raise CheckpointError(f"{f}: cheers.image.sampler '{img.sampler}': expected one of {', '.join(SAMPLERS)}")
         txt = replace(txt, **{k: v for k, v in data.get("text", {}).items() if hasattr(txt, k)})
     return img, txt

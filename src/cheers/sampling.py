@@ -13,17 +13,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from cheers.decoding import OutputHead
 from cheers.model.cheers import CheersModel
 from cheers.model.qwen2 import KVCache
-
-SAMPLERS = ("euler", "heun", "midpoint", "renoise")
-_TWO_EVALUATIONS = ("heun", "midpoint")  # per grid interval; the others take one
-
-
-def evaluations(sampler: str, grid_points: int) -> int:
-    """Velocity evaluations `integrate` makes with `sampler` on a grid of `grid_points` times (incl. the last)."""
-    return 2 * grid_points - 1 if sampler in _TWO_EVALUATIONS else grid_points
-
+from cheers.samplers import SAMPLERS, evaluations, get_sampler  # noqa: F401 (SAMPLERS, evaluations re-exported)
 
 @dataclass
 class Prefix:
@@ -127,7 +120,7 @@ class GuidedVelocity:
     `interval` = (lo, hi): guidance only for lo <= t <= hi (t = 0 is noise); elsewhere the conditional velocity
     alone, computed on the B conditional rows only (a view of the same cache), so unguided steps cost half.
     Kynkaanniemi et al. 2024 guide only the middle of the trajectory; the embedded model draws best when guided
-    only near the noise, where its shapes are chosen (scripts/embedded/p17/RESULTS.md)."""
+    only near the noise, where its shapes are chosen."""
 
     model: CheersModel
     prefix: Prefix
@@ -180,37 +173,21 @@ class GuidedVelocity:
 
 def integrate(velocity: GuidedVelocity, x: torch.Tensor, grid: list[float], sampler: str = "euler",
               progress: Callable[[int], None] | None = None, seeds: list[int] | None = None) -> torch.Tensor:
-    """Integrate dx/dt = v from grid[0] to grid[-1], then the reference's extra step of size 1/len(grid) at t = 1.
+    """Integrate dx/dt = v from grid[0] to grid[-1] with a registered sampler (`cheers.samplers.SAMPLERS`), then
+    the reference's extra step of size 1/len(grid) at t = 1. The last evaluation commits its image block to the
+    cache, like the reference. Samplers that draw fresh noise (renoise) take it per image from `seeds` and the
+    step (`step_noise`), so an image does not depend on its batch."""
+    rule = get_sampler(sampler)
+    if rule.needs_seeds and (seeds is None or len(seeds) != x.shape[0]):
+        raise ValueError(f"the {sampler} sampler needs one seed per image ({x.shape[0]}), got {seeds!r}")
 
-    euler: the reference's update. heun / midpoint: second-order updates between grid points (2 evaluations per
-    interval), same final step. renoise: stochastic; each step predicts the clean latent x1 = x + (1 - t) v and
-    re-noises it to the next time with fresh noise, x' = t' x1 + (1 - t') e (one evaluation per step, like euler;
-    e is drawn per image from its seed and the step, see `step_noise`). It forgets the noise estimate x - t v that
-    euler carries along, so errors of a weak model do not accumulate into smeared shapes: the embedded model draws
-    recognisable shapes far more often with it (scripts/embedded/p22/RESULTS.md). The last evaluation commits its
-    image block to the cache, like the reference.
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
-    if sampler == "renoise" and (seeds is None or len(seeds) != x.shape[0]):
-        raise ValueError(f"the renoise sampler needs one seed per image ({x.shape[0]}), got {seeds!r}")
+    def draw(i: int) -> torch.Tensor:
+        return step_noise(tuple(x.shape[1:]), seeds, i, x.device, x.dtype)
+
     n = len(grid)
     for i in range(n - 1):
         t, t_next = grid[i], grid[i + 1]
-        dt = t_next - t
-        v = velocity(x, t)
-        if sampler == "euler":
-            x = x + v * dt
-        elif sampler == "heun":
-            v2 = velocity(x + v * dt, t_next)
-            x = x + 0.5 * dt * (v + v2)
-        elif sampler == "midpoint":
-            v2 = velocity(x + v * (dt / 2), t + dt / 2)
-            x = x + v2 * dt
-        else:  # renoise
-            x1 = x + (1.0 - t) * v
-            e = step_noise(tuple(x.shape[1:]), seeds, i, x.device, x.dtype)
-            x = t_next * x1 + (1.0 - t_next) * e
+        x = rule.update(velocity, x, velocity(x, t), t, t_next, i, draw)
         if progress:
             progress(i)
     v = velocity(x, grid[-1], commit=True)
@@ -281,16 +258,18 @@ def _filter_logits(logits: torch.Tensor, s: TextSampling, seen: torch.Tensor | N
 
 @torch.no_grad()
 def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_ids: torch.Tensor | None = None,
-                  logits_hook: Callable[[torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
+                  logits_hook: Callable[[torch.Tensor], None] | None = None,
+                  head: OutputHead | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, one step at a time ([B] long). Rows that emitted a stop id keep
     yielding their stop id (callers track which rows are done). Stops after max_new_tokens or when all rows
-    have stopped."""
+    have stopped. `head`: the model's (possibly compiled) `OutputHead`; an eager one by default."""
+    head = OutputHead(model) if head is None else head
     B = prefix.last_hidden.shape[0]
     V = model.config.text.vocab_size
     device = prefix.last_hidden.device
     speculate = s.speculate if s.speculate is not None else (4 if model.config.text.hidden_size >= 1024 else 0)
     if speculate > 0 and B == 1 and s.temperature <= 1e-6 and s.repetition_penalty == 1.0 and logits_hook is None:
-        yield from _greedy_with_lookup(model, prefix, s, prompt_ids, speculate)
+        yield from _greedy_with_lookup(model, head, prefix, s, prompt_ids, speculate)
         return
     gen = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
     seen = None
@@ -304,12 +283,12 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
     hidden = prefix.last_hidden
     # plain greedy never needs the logits in memory: the head and the argmax run as one step
     fused_greedy = s.temperature <= 1e-6 and seen is None and logits_hook is None
-    nxt_greedy = model.greedy(hidden) if fused_greedy else None
+    nxt_greedy = head.greedy(hidden) if fused_greedy else None
     for _ in range(s.max_new_tokens):
         if fused_greedy:
             nxt = nxt_greedy
         else:
-            logits = model.logits(hidden).float()
+            logits = head.logits(hidden).float()
             if logits_hook:
                 logits_hook(logits)
             logits = _filter_logits(logits, s, seen)
@@ -334,7 +313,7 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
         if fused_greedy:
             mask = _step_mask(prefix, 1, causal=True)
             prefix.cache.reserve(prefix.length + 1)
-            hidden, nxt_greedy = model.greedy_step(nxt, prefix.cache, prefix.length, mask)
+            hidden, nxt_greedy = head.greedy_step(nxt, prefix.cache, prefix.length, mask)
             prefix.commit(1, hidden)
         else:
             emb = model.model.language_model.embed_tokens(nxt)[:, None]
@@ -352,7 +331,7 @@ def lookup_draft(history: list[int], k: int, max_ngram: int = 3) -> list[int]:
     return []
 
 
-def _greedy_with_lookup(model: CheersModel, prefix: Prefix, s: TextSampling,
+def _greedy_with_lookup(model: CheersModel, head: OutputHead, prefix: Prefix, s: TextSampling,
                         prompt_ids: torch.Tensor | None, speculate: int) -> Iterator[torch.Tensor]:
     """Batch-1 greedy decoding with prompt-lookup drafts: every forward feeds the pending token plus a draft, and
     one output-head pass over those positions (the head's weights read once) yields every accepted token plus the
@@ -361,7 +340,7 @@ def _greedy_with_lookup(model: CheersModel, prefix: Prefix, s: TextSampling,
     stop = set(s.stop_ids)
     history = [] if prompt_ids is None else [int(i) for i in prompt_ids.reshape(-1).tolist() if i >= 0]
     embed = model.model.language_model.embed_tokens
-    pending = int(model.greedy(prefix.last_hidden))
+    pending = int(head.greedy(prefix.last_hidden))
     emitted = 0
     while True:
         yield torch.tensor([pending], device=prefix.last_hidden.device)
@@ -373,7 +352,7 @@ def _greedy_with_lookup(model: CheersModel, prefix: Prefix, s: TextSampling,
         draft = lookup_draft(history, min(speculate, budget - 1)) if budget > 1 else []
         ids = torch.tensor([[pending] + draft], device=prefix.last_hidden.device)
         hidden = extend(model, prefix, embed(ids), commit=False)[0]
-        preds = model.greedy(hidden).tolist()
+        preds = head.greedy(hidden).tolist()
         accepted = 0
         while accepted < len(draft) and draft[accepted] == preds[accepted]:
             accepted += 1

@@ -97,38 +97,6 @@ class CheersBackbone(nn.Module):
                                       cfg.latent_channels, repeat_positions=True)
 
 
-def _head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, weight)
-
-
-def _head_greedy(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, weight).argmax(-1)
-
-
-def _rowdot_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # Written as a broadcast product + reduction so inductor emits one vectorized, threaded kernel; for a few rows
-    # against a 151,936 x 64 head it beats the BLAS GEMV ~1.7x on 2 CPU cores. Never run eagerly (it would
-    # materialize [.., V, d]).
-    return (hidden.unsqueeze(-2) * weight).sum(-1)
-
-
-def _rowdot_greedy(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _rowdot_logits(hidden, weight).argmax(-1)  # fused: the logits never reach memory
-
-
-def _half_head_greedy(hidden: torch.Tensor, weight16: torch.Tensor, err: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax ids from a float16 copy of the head (half the bytes to read per token; upcast on load, fp32
-    arithmetic) and, per row, whether that id is provably the float32 argmax: every approximate logit is within
-    ||h||_1 * max|w - w16| of the exact one, so a top-1/top-2 gap above twice that (plus summation-order slack)
-    cannot be reordered. Compiled only (eagerly it would materialize [.., V, d])."""
-    approx = _rowdot_logits(hidden, weight16.float())
-    best, ids = approx.max(-1)
-    vocab = torch.arange(approx.shape[-1], device=approx.device)
-    runner_up = approx.masked_fill(vocab == ids.unsqueeze(-1), float("-inf")).amax(-1)
-    bound = 2 * err * hidden.abs().sum(-1) + 1e-4 * (1 + best.abs())
-    return ids, best - runner_up > bound
-
-
 class CheersModel(nn.Module):
     def __init__(self, config: CheersConfig) -> None:
         super().__init__()
@@ -137,14 +105,6 @@ class CheersModel(nn.Module):
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.tie_weights()
         self.model.vae_model.requires_grad_(False)  # the VAE never trains (stage 0 trains it separately)
-        self._logits_fn, self._greedy_fn = _head_logits, _head_greedy
-        self._step_fn = self._greedy_step
-        self._half_fn = None  # compiled _half_head_greedy when the fp16 head copy is on (compile_decoding)
-        self._head16: torch.Tensor | None = None
-        self._head16_err = 0.0
-        self._cols: torch.Tensor | None = None  # see _head_columns
-        self._cols_key: tuple | None = None
-        self.compiled = False
 
     def tie_weights(self) -> None:
         if self.config.text.tie_word_embeddings:
@@ -329,90 +289,9 @@ class CheersModel(nn.Module):
         loss = ce_loss + self.config.flow_loss_weight * flow_loss
         return CheersOutput(loss, ce_loss, flow_loss, vel.velocity, target, vel.gate, hidden, logits, targets, lay, n_ce)
 
-    # ---- inference primitives (used by cheers.sampling) ------------------------------------------------------
+    # ---- inference primitives (used by cheers.sampling; the fast output head lives in cheers.decoding) -------
     def new_cache(self) -> KVCache:
         return KVCache(self.config.text.num_layers)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits of final hidden states [..., d] -> [..., V] (inference)."""
-        cols = self._head_columns()
-        return hidden @ cols if cols is not None else self._logits_fn(hidden, self.lm_head.weight)
-
-    _HEAD_COPY_BYTES = 256 * 2**20
-
-    def _head_columns(self) -> torch.Tensor | None:
-        """A [d, V] contiguous copy of the output head for eager CPU inference, or None. For a few rows BLAS reads
-        it ~3x faster than the [V, d] weight (151,936 x 64 on 2 cores: 2.1 vs 6.0 ms), and at batch 1 that head
-        read is most of a small model's per-token time. Only for heads up to 256 MB (a large model's time is in
-        its body); rebuilt whenever the weight changes (storage or in-place version)."""
-        w = self.lm_head.weight
-        if (self.compiled or torch.is_grad_enabled() or w.device.type != "cpu"
-                or w.numel() * w.element_size() > self._HEAD_COPY_BYTES):
-            return None
-        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
-        if self._cols_key != key:
-            self._cols, self._cols_key = w.detach().t().contiguous(), key
-        return self._cols
-
-    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
-        """argmax token of final hidden states [..., d] -> [...] long (inference); always the float32 argmax."""
-        return self._settle(hidden, *self._head_argmax(hidden))
-
-    def greedy_step(self, tokens: torch.Tensor, cache: KVCache, start: int,
-                    mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One greedy decoding step: tokens [B] written at cache position `start` -> (their final hidden state
-        [B, d], the argmax next tokens [B]). One compiled graph per token when `compile_decoding` is on."""
-        hidden, ids, proven = self._step_fn(tokens, cache, start, mask)
-        return hidden, self._settle(hidden, ids, proven)
-
-    def _head_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._half_fn is not None:
-            return self._half_fn(hidden, self._head16, self._head16_err)
-        cols = self._head_columns()
-        if cols is not None:
-            return (hidden @ cols).argmax(-1), None
-        return self._greedy_fn(hidden, self.lm_head.weight), None
-
-    def _settle(self, hidden: torch.Tensor, ids: torch.Tensor, proven: torch.Tensor | None) -> torch.Tensor:
-        """Rows whose fp16-head argmax is not provably exact (near-ties, rare) are redone in float32."""
-        if proven is not None and not bool(proven.all()):
-            ids = torch.where(proven, ids, self._greedy_fn(hidden, self.lm_head.weight))
-        return ids
-
-    def _greedy_step(self, tokens: torch.Tensor, cache: KVCache, start: int,
-                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        lm = self.model.language_model
-        hidden = lm(lm.embed_tokens(tokens)[:, None], mask=mask, cache=cache, start=start)[:, -1]
-        return hidden, *self._head_argmax(hidden)
-
-    def compile_decoding(self, half_head: bool = True) -> "CheersModel":
-        """Opt-in `torch.compile` (inductor) of the language model and the output head for inference.
-
-        Per-token decoding of a small model is bound by Python/dispatch overhead and a GEMV; compiled, the
-        parity-tiny model decodes ~2x faster on 2 CPU cores. The first calls compile (about 30 s there; inductor
-        caches the result on disk) and each new kind of call (prefill, one token, an image block) compiles once.
-        Needs a C++ compiler on CPU (triton on GPU). Outputs equal the eager ones up to fp32 summation order.
-
-        `half_head` (CPU, float32 weights): greedy decoding reads a float16 copy of the output head (+50% of its
-        memory) instead of the float32 weights, which at batch 1 is most of a small model's per-token time; the
-        chosen ids stay those of the float32 head (see `_half_head_greedy`; unproven rows are redone in fp32).
-        Sampled (temperature > 0) decoding always uses the float32 logits.
-        """
-        if not self.compiled:
-            self.model.language_model.compile(dynamic=True)
-            self._logits_fn = torch.compile(_rowdot_logits, dynamic=True)
-            self._greedy_fn = torch.compile(_rowdot_greedy, dynamic=True)
-            weight = self.lm_head.weight.detach()
-            if half_head and weight.device.type == "cpu" and weight.dtype == torch.float32:
-                self._head16 = weight.to(torch.float16)
-                self._head16_err = float((weight - self._head16.float()).abs().max())
-                self._half_fn = torch.compile(_half_head_greedy, dynamic=True)
-            # one graph and one guard check per token; the weights are fixed at inference, so dynamo need not
-            # re-check every parameter before each token (which cost ~10% of a token's time)
-            self._step_fn = torch.compile(self._greedy_step, dynamic=True, options={
-                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-            self.compiled = True
-        return self
 
     def channels_last_(self) -> "CheersModel":
         """Store the convolution stacks channels-last: ~30% faster convolutions with oneDNN on CPU."""

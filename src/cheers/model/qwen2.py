@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cheers.config import TextConfig
@@ -133,7 +132,3 @@ class Qwen2Model(nn.Module):
                 h = layer(h, cos, sin, mask, cache, i, start, causal)
         return self.norm(h)
 
-
-def lm_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Output head (tied to the embedding)."""
-    return F.linear(hidden, weight)
