@@ -28,9 +28,9 @@ def _threads_and_seed():
 def parity_model():
     if not (TINY_OFFICIAL / "config.json").exists():
         pytest.skip(f"parity checkpoint not found under {SHARED}")
-    from cheers.checkpoint import load_model
+    from cheers import Cheers
 
-    return load_model(TINY_OFFICIAL)
+    return Cheers.from_pretrained(TINY_OFFICIAL).model  # the model exactly as the public entry point prepares it
 
 
 def golden(name: str) -> dict[str, torch.Tensor]:

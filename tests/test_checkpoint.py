@@ -234,13 +234,32 @@ def test_nan_weights_rejected(saved):
         load_model(saved)
 
 
-def test_untied_head_mismatch(saved):
+def test_tied_config_ignores_a_differing_stored_head_with_one_warning(saved, caplog):
+    """As the reference (transformers) does: with tie_word_embeddings true the head *is* the embedding."""
     path = saved / "model.safetensors"
     state = load_file(str(path))
     state["lm_head.weight"] = state["lm_head.weight"] + 1
     save_file(state, str(path))
-    with pytest.raises(CheckpointError, match="lm_head.weight.*differs"):
-        load_model(saved)
+    with caplog.at_level("WARNING", logger="cheers"):
+        model = load_model(saved)
+    warnings = [r for r in caplog.records if "lm_head.weight" in r.getMessage()]
+    assert len(warnings) == 1 and "differs" in warnings[0].getMessage()
+    embed = state["model.language_model.embed_tokens.weight"]
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight.data, embed.float())
+
+
+def test_untied_config_uses_the_stored_head(saved):
+    path = saved / "model.safetensors"
+    state = load_file(str(path))
+    state["lm_head.weight"] = state["lm_head.weight"] + 1
+    save_file(state, str(path))
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["text_config"]["tie_word_embeddings"] = False
+    (saved / "config.json").write_text(json.dumps(cfg))
+    model = load_model(saved)
+    assert torch.equal(model.lm_head.weight.data, state["lm_head.weight"].float())
+    assert not torch.equal(model.lm_head.weight.data, model.model.language_model.embed_tokens.weight.data)
 
 
 def test_index_with_missing_shard(tmp_path):

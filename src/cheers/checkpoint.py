@@ -1,13 +1,15 @@
 """Official checkpoint format: `config.json` + `model.safetensors` or sharded `model-0000k-of-0000n.safetensors`
 with `model.safetensors.index.json`, official key names. Safetensors only: nothing is ever unpickled.
 
-Loading builds the model on the meta device and materializes one tensor at a time from memory-mapped files,
-casting to the requested dtype, so a bf16 1.5B checkpoint loads into fp32 without a second copy in memory.
+Loading builds the model on the meta device and materializes one tensor at a time, casting to the requested
+dtype. Each read maps its file only while that tensor is copied out, so the mapped pages of the shards never
+add up in resident memory: loading peaks at about the weights' own bytes (`benchmarks/memory.py`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +25,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 TIED_HEAD = "lm_head.weight"
 TIED_EMBED = "model.language_model.embed_tokens.weight"
+
+log = logging.getLogger("cheers")
 
 
 class CheckpointError(RuntimeError):
@@ -88,26 +92,39 @@ def _check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, torch.Siz
         raise CheckpointError(f"{where}: " + " | ".join(parts))
 
 
+def _read(path: Path, key: str) -> torch.Tensor:
+    """One tensor, read through a mapping that is closed again right away (see the module docstring)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read tensor '{key}' ({err})") from None
+
+
 def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> CheersModel:
-    """Materialize `model` (may live on the meta device) from an official weight directory, strictly."""
+    """Materialize `model` (may live on the meta device) from an official weight directory, strictly.
+
+    With `tie_word_embeddings: true` the output head *is* the input embedding, as in the reference (transformers
+    ignores a stored `lm_head.weight` then); a stored head that differs is ignored with one warning."""
     directory = Path(directory)
     files = _weight_files(directory)
     expected = _expected(model)
     tied = model.config.text.tie_word_embeddings
-    handles = {name: _open(directory / name) for name in files}
     found: dict[str, tuple[int, ...]] = {}
-    owner: dict[str, str] = {}
-    for name, handle in handles.items():
-        for key in handle.keys():
-            try:
-                found[key] = tuple(handle.get_slice(key).get_shape())
-            except Exception as err:
-                raise CheckpointError(f"{directory / name}: cannot read tensor '{key}' ({err})") from None
-            owner[key] = name
+    owner: dict[str, Path] = {}
+    for name in files:
+        with _open(directory / name) as handle:
+            keys = list(handle.keys())
+            for key in keys:
+                try:
+                    found[key] = tuple(handle.get_slice(key).get_shape())
+                except Exception as err:
+                    raise CheckpointError(f"{directory / name}: cannot read tensor '{key}' ({err})") from None
+                owner[key] = directory / name
         listed = set(files[name])
-        if listed and listed != set(handle.keys()):
-            diff = sorted(listed.symmetric_difference(handle.keys()))[:5]
+        if listed and listed != set(keys):
+            diff = sorted(listed.symmetric_difference(keys))[:5]
             raise CheckpointError(f"{directory / name}: keys differ from {INDEX_NAME} (e.g. {', '.join(diff)})")
     _check_keys(found, expected, tied, str(directory))
 
@@ -116,14 +133,11 @@ def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: tor
     for key in expected:
         if key == TIED_HEAD and tied:
             continue
-        try:
-            tensor = handles[owner[key]].get_tensor(key)
-        except Exception as err:
-            raise CheckpointError(f"{directory / owner[key]}: cannot read tensor '{key}' ({err})") from None
+        tensor = _read(owner[key], key)
         target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
         tensor = tensor.to(device=device, dtype=target_dtype)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{directory / owner[key]}: tensor '{key}' contains NaN or inf")
+            raise CheckpointError(f"{owner[key]}: tensor '{key}' contains NaN or inf")
         module_name, _, leaf = key.rpartition(".")
         module = model.get_submodule(module_name)
         if key in params:
@@ -132,12 +146,12 @@ def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: tor
             module._buffers[leaf] = tensor
     model.tie_weights()
     if tied and TIED_HEAD in found:
-        head = handles[owner[TIED_HEAD]].get_tensor(TIED_HEAD).to(device=device, dtype=dtype)
+        head = _read(owner[TIED_HEAD], TIED_HEAD).to(device=device, dtype=dtype)
         if not torch.equal(head, model.lm_head.weight.data):
-            raise CheckpointError(
-                f"{directory / owner[TIED_HEAD]}: '{TIED_HEAD}' differs from '{TIED_EMBED}' but config.json ties them "
-                "(set text_config.tie_word_embeddings=false for an untied head)"
-            )
+            log.warning("%s: '%s' differs from '%s' but config.json ties them; the head is the embedding, as in "
+                        "the reference (set text_config.tie_word_embeddings=false to use the stored head)",
+                        owner[TIED_HEAD], TIED_HEAD, TIED_EMBED)
+        del head
     leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftovers:  # pragma: no cover - guarded by _check_keys
         raise CheckpointError(f"{directory}: tensors left unloaded: {', '.join(leftovers)}")

@@ -111,6 +111,10 @@ class HeadConfig:
     high_frequency_gate: bool = True
 
 
+# dtypes a checkpoint may be stored and run in (config.json `torch_dtype` names)
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class CheersConfig:
     text: TextConfig = field(default_factory=TextConfig)
@@ -121,6 +125,7 @@ class CheersConfig:
     tokens: TokenIds = field(default_factory=TokenIds)
     flow_loss_weight: float = 1.0
     name: str = "custom"
+    torch_dtype: str = "float32"  # the stored weights' dtype (config.json `torch_dtype`); "auto" loads in it on GPU
 
     # ---- derived geometry -------------------------------------------------------------------------------------
     @property
@@ -202,7 +207,7 @@ class CheersConfig:
         return {
             "architectures": ["Cheers"],
             "model_type": "umm",
-            "torch_dtype": "float32",
+            "torch_dtype": self.torch_dtype,
             "vae_encoder_config": vae(self.vae_encoder, False),
             "vae_decoder_config": vae(self.vae_decoder, True),
             "vision_representation_config": {
@@ -305,6 +310,9 @@ class CheersConfig:
             if "ch_mult" in hf.get(key, {}):
                 vc.ch_mult = tuple(int(m) for m in hf[key]["ch_mult"])
         extra = hf.get("cheers", {})
+        stored = hf.get("torch_dtype", "float32")
+        if stored not in WEIGHT_DTYPES:
+            raise ConfigError(f"{source}: torch_dtype {stored!r}: expected one of {', '.join(WEIGHT_DTYPES)}")
         cfg = cls(
             text=t,
             vision=v,
@@ -314,6 +322,7 @@ class CheersConfig:
             tokens=TokenIds(**extra.get("tokens", {})),
             flow_loss_weight=float(extra.get("flow_loss_weight", 1.0)),
             name=str(extra.get("name", "from-config")),
+            torch_dtype=stored,
         )
         try:
             return cfg.validate()

@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from cheers import sampling as S
-from cheers.checkpoint import CheckpointError, load_model
-from cheers.config import CheersConfig, PRESETS, preset
+from cheers.checkpoint import CheckpointError, load_model, save_model
+from cheers.config import PRESETS, WEIGHT_DTYPES, CheersConfig, preset
 from cheers.decoding import OutputHead
+from cheers.hub import push_to_hub, resolve_model_dir
 from cheers.model.cheers import CheersModel
 from cheers.processor import dummy_image, load_image, preprocess_understanding, tensor_to_pil
 from cheers.samplers import SAMPLERS, evaluations, get_sampler
@@ -59,21 +60,52 @@ class TextDefaults:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    stop_ids: tuple[int, ...] = ()  # besides the end-of-turn token: generation_config.json's eos ids
+
+
+OUTPUT_TYPES = ("pil", "latent")
+
+
+def check_output_type(value: Any) -> str:
+    if value not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {value!r}: expected one of {', '.join(OUTPUT_TYPES)}")
+    return value
+
+
+def _join(batches: list, output_type: str) -> list[Image.Image] | torch.Tensor:
+    return torch.cat(batches) if output_type == "latent" else [im for b in batches for im in b]
 
 
 def _as_list(x: Any) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+DType = torch.dtype | str | None
+
+
+def resolve_dtype(dtype: DType, device: torch.device, stored: str = "float32") -> torch.dtype:
+    """The dtype the weights are held and run in: float32 / bfloat16 / float16 (a torch.dtype or its name), or
+    "auto" / None = the checkpoint's `torch_dtype` on CUDA and float32 elsewhere (bf16 matmuls are slow on CPUs)."""
+    if dtype is None or dtype == "auto":
+        return getattr(torch, stored) if device.type == "cuda" else torch.float32
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)} or 'auto'")
+    return getattr(torch, name)
+
+
 class Cheers:
     """A loaded Cheers model with its tokenizer, ready for the four tasks."""
 
     def __init__(self, model: CheersModel, tokenizer: CheersTokenizer | None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, image_defaults: ImageDefaults | None = None,
+                 dtype: DType = None, image_defaults: ImageDefaults | None = None,
                  text_defaults: TextDefaults | None = None, source: str = "<memory>") -> None:
         self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = model.to(self.device).eval()
+        self.dtype = resolve_dtype(dtype, self.device, model.config.torch_dtype)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 on a GPU: TF32 tensor cores for the matmuls
+            torch.backends.cudnn.allow_tf32 = True
         if self.device.type == "cpu":
             self.model.channels_last_()
         self.head = OutputHead(self.model)  # the output head's fast inference paths (compiled by `compile`)
@@ -89,51 +121,73 @@ class Cheers:
 
     # ---- loading --------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | None = None,
-                        compile: bool = False) -> "Cheers":
-        """Load a model directory (official format + tokenizer files), the embedded default (None), or build a
-        named preset with random weights (for benchmarks and tests; text tasks then need `tokenizer`).
-        `compile=True`: `OutputHead.compile` (faster decoding after a one-time compile)."""
-        pipe = cls._load(path_or_preset, device, dtype, tokenizer)
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                        dtype: DType = "auto", tokenizer: str | os.PathLike | None = None, compile: bool = False,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, token: str | bool | None = None) -> "Cheers":
+        """Load a model: a local directory (official format + tokenizer files), a Hugging Face Hub repo id
+        (e.g. "ai9stars/Cheers"; downloads only the files the model needs, into the HF cache), the embedded
+        default (None), or a named preset with random weights (for benchmarks and tests; text tasks then need
+        `tokenizer`). An existing local directory wins over a repo id of the same name.
+
+        `dtype`: "auto" (the checkpoint's dtype on CUDA, float32 on CPU), "float32", "bfloat16" or "float16":
+        the weights are held in it, with no float32 copy. `compile=True`: `OutputHead.compile` (faster decoding
+        after a one-time compile). `revision`, `cache_dir`, `local_files_only`, `token`: as in huggingface_hub
+        (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are honoured)."""
+        device = torch.device(device)
+        if name_or_path is None:
+            if not (EMBEDDED_DIR / "config.json").exists():
+                raise CheckpointError(f"the embedded model is missing from {EMBEDDED_DIR}; pass --model DIR")
+            name_or_path = EMBEDDED_DIR
+        if isinstance(name_or_path, str) and name_or_path in PRESETS and not Path(name_or_path).exists():
+            model = CheersModel(preset(name_or_path))
+            tok = CheersTokenizer.from_dir(tokenizer) if tokenizer else None
+            pipe = cls(model, tok, device, dtype, source=f"preset:{name_or_path}")
+        else:
+            path = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir,
+                                     local_files_only=local_files_only, token=token)
+            stored = _stored_dtype(path)
+            model = load_model(path, dtype=resolve_dtype(dtype, device, stored), device=device)
+            tok_dir = Path(tokenizer) if tokenizer else path
+            tok = CheersTokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir) else None
+            img_d, txt_d = read_defaults(path, model.config)
+            pipe = cls(model, tok, device, dtype, img_d, txt_d, source=str(name_or_path))
         if compile:
             pipe.head.compile()
         return pipe
 
-    @classmethod
-    def _load(cls, path_or_preset: str | os.PathLike | None, device: str | torch.device, dtype: torch.dtype | None,
-              tokenizer: str | os.PathLike | None) -> "Cheers":
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.float32  # bf16 is used through autocast on GPU, never as a hard cast on CPU
-        if path_or_preset is None:
-            if not (EMBEDDED_DIR / "config.json").exists():
-                raise CheckpointError(f"the embedded model is missing from {EMBEDDED_DIR}; pass --model DIR")
-            path_or_preset = EMBEDDED_DIR
-        if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not Path(path_or_preset).exists():
-            model = CheersModel(preset(path_or_preset))
-            tok = CheersTokenizer.from_dir(tokenizer) if tokenizer else None
-            return cls(model, tok, device, dtype, source=f"preset:{path_or_preset}")
-        path = Path(path_or_preset)
-        model = load_model(path, device=device)
-        tok_dir = Path(tokenizer) if tokenizer else path
-        tok = CheersTokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir) else None
-        img_d, txt_d = _read_defaults(path)
-        return cls(model, tok, device, dtype, img_d, txt_d, source=str(path))
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3,
+                        dtype: DType = None) -> Path:
+        """Write a complete model directory that `from_pretrained` reloads with identical outputs: config.json
+        (with the weights' real `torch_dtype`), sharded safetensors + index, tokenizer files,
+        generation_config.json and preprocessor_config.json. `dtype` casts the stored weights (default: as held)."""
+        directory = Path(directory)
+        store = self.dtype if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
+        save_model(self.model, directory, max_shard_bytes=max_shard_bytes, dtype=store)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+        write_defaults(directory, self.image_defaults, self.text_defaults, self.config)
+        return directory
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, revision: str | None = None,
+                    private: bool | None = None, commit_message: str = "Upload Cheers model") -> str:
+        """`save_pretrained` into a temporary directory, then upload it with huggingface_hub; returns the commit
+        URL."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_to_hub(tmp, repo_id, token=token, revision=revision, private=private,
+                               commit_message=commit_message)
 
     # ---- helpers --------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast("cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
-
     def _tok(self) -> CheersTokenizer:
         if self.tokenizer is None:
             raise ValueError(f"{self.source}: this model has no tokenizer files; pass tokenizer=DIR to from_pretrained")
         return self.tokenizer
 
     def _latents(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        batch = torch.stack(pixels).to(self.device, torch.float32)
+        batch = torch.stack(pixels).to(self.device, self.dtype)
         return self.model.encode_images(batch)
 
     def _read_images(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
@@ -154,30 +208,40 @@ class Cheers:
 
     def _prefill(self, rows: list[list[int]], latents: torch.Tensor) -> S.Prefix:
         ids, mask = S.left_pad(rows, self.config.tokens.pad, self.device)
-        with self._autocast():
-            return S.prefill(self.model, ids, mask, latents)
+        return S.prefill(self.model, ids, mask, latents)
 
     # ---- text-to-image --------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_image(self, prompts: str | Sequence[str], seed: int | Sequence[int] = 0, steps: int | None = None,
                        cfg_scale: float | None = None, shift: float | None = None, sampler: str | None = None,
                        batch_size: int = 16, progress: bool = False, noise: torch.Tensor | None = None,
-                       cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
+                       cfg_interval: tuple[float, float] | None = None,
+                       output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
         """One image per prompt. `seed` is an int (image i uses seed + i) or one seed per prompt; it draws the
-        initial latent noise (unless `noise` [N, c_lat, g, g] is given) and the prompt's dummy noise picture."""
+        initial latent noise (unless `noise` [N, c_lat, g, g] is given) and the prompt's dummy noise picture.
+        `output_type`: "pil" (images) or "latent" (the final latents [N, c_lat, g, g], float32)."""
+        check_output_type(output_type)
         prompts = _as_list(prompts)
         seeds = self._seeds(seed, len(prompts))
         tok = self._tok()
         rows = [tok.encode_prompt(p, task="t2i") for p in prompts]
         self._check_length(rows, self.config.num_image_tokens + 1, "prompt")
-        out: list[Image.Image] = []
+        out: list = []
         for lo in range(0, len(rows), batch_size):
             sl = slice(lo, lo + batch_size)
             lat = self._latents(self._row_images(rows[sl], seeds[sl]))
-            x = S.noise(self._latent_shape(), seeds[sl], self.device) if noise is None else noise[sl].to(self.device)
-            out += self._sample(rows[sl], lat, x, seeds[sl], t0=0.0, steps=steps, cfg_scale=cfg_scale, shift=shift,
-                                sampler=sampler, progress=progress, cfg_interval=cfg_interval)
-        return out
+            x = self._noise(seeds[sl], noise, sl)
+            out.append(self._sample(rows[sl], lat, x, seeds[sl], t0=0.0, steps=steps, cfg_scale=cfg_scale,
+                                    shift=shift, sampler=sampler, progress=progress, cfg_interval=cfg_interval,
+                                    output_type=output_type))
+        return _join(out, output_type)
+
+    def _noise(self, seeds: list[int], given: torch.Tensor | None, sl: slice) -> torch.Tensor:
+        """Initial noise in float32 (the ODE state stays float32 whatever the weights' dtype: cheap, and more
+        accurate than the reference's bf16 state)."""
+        if given is None:
+            return S.noise(self._latent_shape(), seeds, self.device)
+        return given[sl].to(self.device, torch.float32)
 
     def _latent_shape(self) -> tuple[int, int, int]:
         g = self.config.grid
@@ -192,8 +256,8 @@ class Cheers:
 
     def _sample(self, rows: list[list[int]], latents: torch.Tensor, x: torch.Tensor, seeds: list[int], t0: float,
                 steps: int | None, cfg_scale: float | None, shift: float | None, sampler: str | None,
-                progress: bool, edit: bool = False,
-                cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
+                progress: bool, edit: bool = False, cfg_interval: tuple[float, float] | None = None,
+                output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
         d = self.image_defaults
         interval = S.guidance_interval(d.cfg_interval if cfg_interval is None else cfg_interval)  # before prefill
         steps = d.steps if steps is None else int(steps)
@@ -207,21 +271,22 @@ class Cheers:
         guided = cfg_scale != 1.0
         all_rows = rows + (S.cfg_rows(rows, {tk.img_start, tk.img_end}, tk.no_mean) if guided else [])
         all_lat = torch.cat([latents, latents]) if guided else latents
-        with self._autocast():
-            prefix = self._prefill(all_rows, all_lat)
-            velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided, interval=interval)
-            grid = S.time_grid(steps, shift, t0=t0)
-            bar = None
-            if progress:
-                from tqdm import tqdm
+        prefix = self._prefill(all_rows, all_lat)
+        velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided, interval=interval)
+        grid = S.time_grid(steps, shift, t0=t0)
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-                n_evals = evaluations(sampler, len(grid))
-                bar = tqdm(total=len(grid), desc=f"denoising ({n_evals} evaluations)", leave=False)
-            x = S.integrate(velocity, x, grid, sampler, progress=(lambda i: bar.update(1)) if bar else None,
-                            seeds=seeds)
-            if bar:
-                bar.close()
-            pixels = self.model.decode_latents(x.float())
+            n_evals = evaluations(sampler, len(grid))
+            bar = tqdm(total=len(grid), desc=f"denoising ({n_evals} evaluations)", leave=False)
+        x = S.integrate(velocity, x, grid, sampler, progress=(lambda i: bar.update(1)) if bar else None,
+                        seeds=seeds)
+        if bar:
+            bar.close()
+        if output_type == "latent":
+            return x.float()
+        pixels = self.model.decode_latents(x.to(self.dtype)).float()
         return [tensor_to_pil(p) for p in pixels]
 
     # ---- editing --------------------------------------------------------------------------------------------
@@ -230,10 +295,13 @@ class Cheers:
              seed: int | Sequence[int] = 0, steps: int | None = None, cfg_scale: float | None = None,
              shift: float | None = None, sampler: str | None = None, batch_size: int = 16,
              progress: bool = False, noise: torch.Tensor | None = None,
-             cfg_interval: tuple[float, float] | None = None, edit_start: float | None = None) -> list[Image.Image]:
+             cfg_interval: tuple[float, float] | None = None, edit_start: float | None = None,
+             output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
         """Edit each source image by its instruction (spec §E.3): sampling starts at t0 from t0 z + (1 - t0) noise
         and runs floor((1 - t0) N) steps. t0 = `edit_start` (default: the model's, the reference's 0.1); a larger t0
-        keeps more of the source picture (layout, colours) and leaves the instruction less room."""
+        keeps more of the source picture (layout, colours) and leaves the instruction less room. `output_type` as in
+        `generate_image`."""
+        check_output_type(output_type)
         t0 = self.image_defaults.edit_start if edit_start is None else check_edit_start(edit_start)
         images, instructions = _as_list(images), _as_list(instructions)
         if len(images) != len(instructions):
@@ -243,15 +311,15 @@ class Cheers:
         rows = [tok.encode_prompt(f"<im_start><image><im_end>\n{ins}", task="edit") for ins in instructions]
         self._check_length(rows, self.config.num_image_tokens + 1, "instruction")
         pixels = self._read_images(images)
-        out: list[Image.Image] = []
+        out: list = []
         for lo in range(0, len(rows), batch_size):
             sl = slice(lo, lo + batch_size)
             z = self._latents(pixels[sl])
-            eps = S.noise(self._latent_shape(), seeds[sl], self.device) if noise is None else noise[sl].to(self.device)
-            x = t0 * z + (1 - t0) * eps
-            out += self._sample(rows[sl], z, x, seeds[sl], t0=t0, steps=steps, cfg_scale=cfg_scale, shift=shift,
-                                sampler=sampler, progress=progress, edit=True, cfg_interval=cfg_interval)
-        return out
+            x = t0 * z.float() + (1 - t0) * self._noise(seeds[sl], noise, sl)
+            out.append(self._sample(rows[sl], z, x, seeds[sl], t0=t0, steps=steps, cfg_scale=cfg_scale,
+                                    shift=shift, sampler=sampler, progress=progress, edit=True,
+                                    cfg_interval=cfg_interval, output_type=output_type))
+        return _join(out, output_type)
 
     # ---- text -----------------------------------------------------------------------------------------------
     def _sampling(self, kw: dict[str, Any]) -> tuple[S.TextSampling, list[str]]:
@@ -267,7 +335,7 @@ class Cheers:
             top_k=int(kw.get("top_k", d.top_k)),
             top_p=float(kw.get("top_p", d.top_p)),
             repetition_penalty=float(kw.get("repetition_penalty", d.repetition_penalty)),
-            stop_ids=(self.config.tokens.chat_end,),
+            stop_ids=tuple(dict.fromkeys((self.config.tokens.chat_end, *d.stop_ids))),
             seed=kw.get("seed", 0),
             speculate=None if kw.get("speculate") is None else int(kw["speculate"]),
         )
@@ -312,37 +380,35 @@ class Cheers:
         noise pictures `chat` gives them with its default seed, so the argmax is greedy `chat`'s first token."""
         rows, pixels = self._text_rows([list(m) for m in messages])
         self._check_length(rows, 1, "prompt")
-        with self._autocast():
-            prefix = self._prefill(rows, self._latents(self._row_images(rows, [0] * len(rows), pixels)))
-            return self.head.logits(prefix.last_hidden).float()
+        prefix = self._prefill(rows, self._latents(self._row_images(rows, [0] * len(rows), pixels)))
+        return self.head.logits(prefix.last_hidden).float()
 
     def _generate_text(self, rows: list[list[int]], pixels: list[torch.Tensor], s: S.TextSampling,
                        stops: list[str], seeds: list[int]) -> Iterator[list[str]]:
         """Yield the full decoded text of every row after each step (stop strings applied)."""
         tok = self._tok()
         self._check_length(rows, s.max_new_tokens, "prompt")
-        with self._autocast():
-            prefix = self._prefill(rows, self._latents(self._row_images(rows, seeds, pixels)))
-            ids, _ = S.left_pad(rows, self.config.tokens.pad, self.device)
-            generated: list[list[int]] = [[] for _ in rows]
-            done = [False] * len(rows)
-            texts = [""] * len(rows)
-            for step in S.decode_tokens(self.model, prefix, s, prompt_ids=ids, head=self.head):
-                for i, tkn in enumerate(step.tolist()):
-                    if done[i]:
-                        continue
-                    if tkn in s.stop_ids:
-                        done[i] = True
-                        continue
-                    generated[i].append(tkn)
-                    text = tok.decode(generated[i], skip_special_tokens=True)
-                    cut = min((text.find(x) for x in stops if x in text), default=-1)
-                    if cut >= 0:
-                        text, done[i] = text[:cut], True
-                    texts[i] = text
-                yield list(texts)
-                if all(done):
-                    return
+        prefix = self._prefill(rows, self._latents(self._row_images(rows, seeds, pixels)))
+        ids, _ = S.left_pad(rows, self.config.tokens.pad, self.device)
+        generated: list[list[int]] = [[] for _ in rows]
+        done = [False] * len(rows)
+        texts = [""] * len(rows)
+        for step in S.decode_tokens(self.model, prefix, s, prompt_ids=ids, head=self.head):
+            for i, tkn in enumerate(step.tolist()):
+                if done[i]:
+                    continue
+                if tkn in s.stop_ids:
+                    done[i] = True
+                    continue
+                generated[i].append(tkn)
+                text = tok.decode(generated[i], skip_special_tokens=True)
+                cut = min((text.find(x) for x in stops if x in text), default=-1)
+                if cut >= 0:
+                    text, done[i] = text[:cut], True
+                texts[i] = text
+            yield list(texts)
+            if all(done):
+                return
 
     def answer(self, images: ImageLike | Sequence[ImageLike | Sequence[ImageLike]], questions: str | Sequence[str],
                stream: bool = False, **sampling: Any) -> list[str] | Iterator[str]:
@@ -427,16 +493,48 @@ def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or ((path / "vocab.json").exists() and (path / "merges.txt").exists())
 
 
-def _read_defaults(path: Path) -> tuple[ImageDefaults, TextDefaults]:
-    """Optional `cheers` section of generation_config.json: recommended sampling settings of this model."""
+def _read_json(f: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{f}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _stored_dtype(path: Path) -> str:
+    """config.json's `torch_dtype` (validated when the config itself is read)."""
+    f = path / "config.json"
+    return str(_read_json(f).get("torch_dtype", "float32")) if f.exists() else "float32"
+
+
+# generation_config.json's standard (transformers) fields -> TextDefaults fields
+_STANDARD_TEXT_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                         "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_new_tokens"}
+
+
+def read_defaults(path: Path, config: CheersConfig) -> tuple[ImageDefaults, TextDefaults]:
+    """Sampling defaults of a model directory. Text: the standard fields of generation_config.json (temperature,
+    top_k, top_p, repetition_penalty, do_sample, eos_token_id: every listed id stops a reply), then its optional
+    `cheers.text` section; images: the reference demo's settings unless `cheers.image` says otherwise. A
+    preprocessor_config.json `scale_resolution` must match the model's resolution."""
     img, txt = ImageDefaults(), TextDefaults()
     f = path / "generation_config.json"
     if f.exists():
-        try:
-            data = json.loads(f.read_text(encoding="utf-8")).get("cheers", {})
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{f}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        img = replace(img, **{k: v for k, v in data.get("image", {}).items() if hasattr(img, k)})
+        data = _read_json(f)
+        std = {ours: data[key] for key, ours in _STANDARD_TEXT_FIELDS.items() if data.get(key) is not None}
+        if data.get("do_sample") is False:
+            std["temperature"] = 0.0  # transformers decodes greedily whatever the temperature says
+        eos = data.get("eos_token_id")
+        if eos is not None:
+            ids = eos if isinstance(eos, list) else [eos]
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.text.vocab_size
+                       for i in ids):
+                raise CheckpointError(f"{f}: eos_token_id {eos!r}: expected token ids below {config.text.vocab_size}")
+            std["stop_ids"] = tuple(dict.fromkeys(ids))
+        ours = data.get("cheers", {})
+        img = replace(img, **{k: v for k, v in ours.get("image", {}).items() if hasattr(img, k)})
         try:  # both checks' messages start with the field's name
             img.cfg_interval = S.guidance_interval(img.cfg_interval)  # JSON gives a list
             img.edit_start = check_edit_start(img.edit_start)
@@ -444,5 +542,36 @@ def _read_defaults(path: Path) -> tuple[ImageDefaults, TextDefaults]:
             raise CheckpointError(f"{f}: cheers.image.{err}") from None
         if img.sampler not in SAMPLERS:
             raise CheckpointError(f"{f}: cheers.image.sampler '{img.sampler}': expected one of {', '.join(SAMPLERS)}")
-        txt = replace(txt, **{k: v for k, v in data.get("text", {}).items() if hasattr(txt, k)})
+        txt = replace(txt, **std)
+        txt = replace(txt, **{k: v for k, v in ours.get("text", {}).items() if hasattr(txt, k) and k != "stop_ids"})
+        for field in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(txt, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise CheckpointError(f"{f}: {field} {value!r}: expected a number >= 0")
+        for field in ("top_k", "max_new_tokens"):
+            value = getattr(txt, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CheckpointError(f"{f}: {field} {value!r}: expected an integer >= 0")
+    pre = path / "preprocessor_config.json"
+    if pre.exists():
+        res = _read_json(pre).get("scale_resolution")
+        if res is not None and res != config.resolution:
+            raise CheckpointError(f"{pre}: scale_resolution {res!r} differs from the model's resolution "
+                                  f"{config.resolution} (config.json vision image_size)")
     return img, txt
+
+
+def write_defaults(directory: Path, img: ImageDefaults, txt: TextDefaults, config: CheersConfig) -> None:
+    """generation_config.json (standard fields + our `cheers` section) and preprocessor_config.json, as
+    `read_defaults` reads them back."""
+    tk = config.tokens
+    gen = {
+        "bos_token_id": tk.pad, "pad_token_id": tk.pad, "eos_token_id": list(dict.fromkeys((tk.chat_end, *txt.stop_ids))),
+        "do_sample": txt.temperature > 1e-6, "temperature": txt.temperature, "top_k": txt.top_k, "top_p": txt.top_p,
+        "repetition_penalty": txt.repetition_penalty, "max_new_tokens": txt.max_new_tokens,
+        "cheers": {"image": {**vars(img), "cfg_interval": list(img.cfg_interval)}},
+    }
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    pre = {"image_processor_type": "UMMImageProcessor", "processor_class": "UMMProcessor",
+           "scale_resolution": config.resolution, "patch_size": config.vision.patch_size}
+    (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n", encoding="utf-8")

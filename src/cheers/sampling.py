@@ -151,7 +151,8 @@ class GuidedVelocity:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, commit: bool = False) -> torch.Tensor:
         m, B = self.model, x.shape[0]
-        reading = m.read_latents(x)
+        # the ODE state may be float32 while the weights are bf16/fp16: the network runs in the weights' dtype
+        reading = m.read_latents(x.to(m.lm_head.weight.dtype))
         tokens, detail = reading.tokens, reading.detail
         guide = self.guides(t)
         if guide:
@@ -159,7 +160,7 @@ class GuidedVelocity:
         prefix = self._conditional(B, tokens.shape[1]) if self.guided and not guide else self.prefix
         hidden = extend(m, prefix, tokens, causal=False, commit=commit)
         tt = torch.full((hidden.shape[0],), t, dtype=x.dtype, device=x.device)
-        v = m.velocity_head(hidden, tt, detail).velocity
+        v = m.velocity_head(hidden, tt, detail).velocity.to(x.dtype)
         if not guide:
             out = v
         else:

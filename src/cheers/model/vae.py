@@ -10,8 +10,19 @@ from torch import nn
 from cheers.config import VAEConfig
 
 
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm that normalizes channels-last inputs in the contiguous layout. The convolutions run faster
+    channels-last on CPU, but PyTorch's channels-last CPU GroupNorm kernel is far less accurate (~47x the error
+    of the contiguous one against float64): enough to push the parity goldens out of tolerance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def group_norm(c: int, groups: int = 32) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, c, eps=1e-6, affine=True)
+    return GroupNorm(groups, c, eps=1e-6, affine=True)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
