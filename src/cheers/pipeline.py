@@ -20,6 +20,7 @@ from PIL import Image
 from cheers import sampling as S
 from cheers.checkpoint import CheckpointError, load_model
 from cheers.config import CheersConfig, PRESETS, preset
+from cheers.hub import resolve_model_dir
 from cheers.model.cheers import CheersModel
 from cheers.processor import dummy_image, load_image, preprocess_understanding, tensor_to_pil
 from cheers.tokenizer import CheersTokenizer
@@ -88,18 +89,23 @@ class Cheers:
     @classmethod
     def from_pretrained(cls, path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | None = None,
-                        compile: bool = False) -> "Cheers":
-        """Load a model directory (official format + tokenizer files), the embedded default (None), or build a
-        named preset with random weights (for benchmarks and tests; text tasks then need `tokenizer`).
+                        compile: bool = False, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None) -> "Cheers":
+        """Load a model directory (official format + tokenizer files), a Hugging Face Hub repo id such as
+        "ai9stars/Cheers" (an existing local directory of that name wins; `revision`, `cache_dir`, `local_files_only`
+        and `token` go to `cheers.hub.resolve_model_dir`), the embedded default (None), or build a named preset with
+        random weights (for benchmarks and tests; text tasks then need `tokenizer`).
         `compile=True`: `CheersModel.compile_decoding` (faster decoding after a one-time compile)."""
-        pipe = cls._load(path_or_preset, device, dtype, tokenizer)
+        pipe = cls._load(path_or_preset, device, dtype, tokenizer, revision=revision, cache_dir=cache_dir,
+                         local_files_only=local_files_only, token=token)
         if compile:
             pipe.model.compile_decoding()
         return pipe
 
     @classmethod
     def _load(cls, path_or_preset: str | os.PathLike | None, device: str | torch.device, dtype: torch.dtype | None,
-              tokenizer: str | os.PathLike | None) -> "Cheers":
+              tokenizer: str | os.PathLike | None, **hub: Any) -> "Cheers":
         device = torch.device(device)
         if dtype is None:
             dtype = torch.float32  # bf16 is used through autocast on GPU, never as a hard cast on CPU
@@ -111,7 +117,7 @@ class Cheers:
             model = CheersModel(preset(path_or_preset))
             tok = CheersTokenizer.from_dir(tokenizer) if tokenizer else None
             return cls(model, tok, device, dtype, source=f"preset:{path_or_preset}")
-        path = Path(path_or_preset)
+        path = resolve_model_dir(path_or_preset, **hub)
         model = load_model(path, device=device)
         tok_dir = Path(tokenizer) if tokenizer else path
         tok = CheersTokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir) else None
