@@ -304,8 +304,12 @@ def test_push_to_hub_uploads_a_loadable_model(hub, cache, model_dir, tmp_path):
     changed = tmp_path / "changed"
     shutil.copytree(model_dir, changed)
     (changed / "generation_config.json").write_text(json.dumps({"cheers": {"image": {"steps": 9}}}))
+    n = len(hub.requests)
     dev = push_to_hub(changed, "me/pushed", token=TOKEN, revision="dev", commit_message="fewer steps")
     assert repo.branches["dev"] == dev.oid and repo.branches["main"] == info.oid
+    assert not any(r.method == "PUT" for r in hub.requests[n:])  # the unchanged weights are not sent again
+    main_files, dev_files = hub.files("me/pushed"), hub.files("me/pushed", "dev")
+    assert {p for p in dev_files if dev_files[p] != main_files.get(p)} == {"generation_config.json"}
     assert Cheers.from_pretrained("me/pushed", revision="dev", token=TOKEN).image_defaults.steps == 9
 
     with pytest.raises(HubError) as err:

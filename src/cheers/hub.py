@@ -50,9 +50,10 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
 def push_to_hub(local_dir: str | os.PathLike, repo_id: str, token: str | bool | None = None,
                 revision: str | None = None, private: bool | None = None,
                 commit_message: str = "Upload Cheers model") -> "CommitInfo":
-    """Upload every file of the model directory `local_dir` to the Hub repo `repo_id` in one commit (creating the
-    repo, and the branch `revision` when given, if missing). Returns huggingface_hub's CommitInfo (a str: the
-    commit's URL; `.oid` is its hash)."""
+    """Upload every file of the model directory `local_dir` to the Hub repo `repo_id` with huggingface_hub's
+    `upload_folder` (creating the repo, and the branch `revision` when given, if missing; unchanged files are not
+    sent again). Returns huggingface_hub's CommitInfo (a str: the commit's URL; `.oid` is its hash)."""
+    import httpx2
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -68,7 +69,7 @@ def push_to_hub(local_dir: str | os.PathLike, repo_id: str, token: str | bool | 
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, folder_path=directory, revision=revision,
                                  commit_message=commit_message)
-    except HfHubHTTPError as err:
+    except (HfHubHTTPError, OSError, httpx2.HTTPError) as err:
         raise HubError(f"{repo_id}: upload to {_endpoint()} failed ({_one_line(err)})") from None
 
 
