@@ -187,12 +187,13 @@ class HubServer:
 
     def commit(self, repo_id: str, files: Mapping[str, bytes | Path] | Path, branch: str = "main",
                message: str = "commit", deletions: tuple[str, ...] = ()) -> str:
-        """Add (or replace) files on `branch` (a directory: all its files, by relative path) -> the commit hash."""
+        """Add (or replace) files on `branch` (a new branch starts from main; `files` may be a directory: all its
+        files, by relative path) -> the commit hash."""
         if isinstance(files, Path):
             files = {p.relative_to(files).as_posix(): p for p in sorted(files.rglob("*")) if p.is_file()}
         with self.lock:
             repo = self.repos[repo_id]
-            tree = dict(repo.commits[repo.branches[branch]]) if branch in repo.branches else {}
+            tree = dict(repo.commits[repo.branches.get(branch, repo.branches["main"])])
             for d in deletions:
                 tree.pop(d, None)
             for name, content in files.items():
