@@ -42,9 +42,10 @@ def test_out_of_range_options_are_named(args, message):
         settings_from_args(_parse(*args))
 
 
-def test_building_the_command_line_loads_neither_torch_nor_fastapi():
-    code = ("import sys, cheers.cli, cheers.serve; cheers.cli.build_parser(); "
-            "print(sorted(m for m in ('torch', 'fastapi', 'starlette', 'uvicorn') if m in sys.modules))")
+def test_registering_the_subcommand_loads_neither_torch_nor_fastapi():
+    code = ("import argparse, sys, cheers.serve; cheers.serve.add_serve_subcommand(argparse.ArgumentParser()"
+            ".add_subparsers()); print(sorted(m for m in ('torch', 'fastapi', 'starlette', 'uvicorn') if m in "
+            "sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]"

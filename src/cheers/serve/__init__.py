@@ -22,14 +22,15 @@ Modules
     app        the FastAPI application and its routes
     cli        the `serve` subcommand
 
-Only the standard library is imported by this package's own import, so `cheers --help` stays fast and the
-subcommand exists even without the `serve` extra: `create_app` (FastAPI) and `SAMPLERS` (torch) load on first use.
+Importing the package loads neither torch nor FastAPI, so `cheers --help` stays fast and the subcommand exists
+even without the `serve` extra; `create_app` loads FastAPI on first use (or says what to install).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from cheers.samplers import SAMPLERS
 from cheers.serve.cli import add_serve_subcommand, cmd_serve, serve
 from cheers.serve.errors import ApiError
 from cheers.serve.settings import ServeSettings
@@ -38,6 +39,7 @@ __all__ = ["ApiError", "SAMPLERS", "ServeSettings", "add_serve_subcommand", "cmd
 
 
 def __getattr__(name: str) -> Any:
+    """`create_app` on first use, so that importing the package does not load FastAPI."""
     if name == "create_app":
         from cheers.serve.deps import require_all
 
@@ -45,8 +47,4 @@ def __getattr__(name: str) -> Any:
         from cheers.serve.app import create_app
 
         return create_app
-    if name == "SAMPLERS":
-        from cheers.sampling import SAMPLERS
-
-        return SAMPLERS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

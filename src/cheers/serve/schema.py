@@ -9,7 +9,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from cheers.sampling import SAMPLERS
+from cheers.samplers import SAMPLERS
 from cheers.serve.context import Context
 from cheers.serve.errors import bad, json_type
 from cheers.serve.fields import Fields
