@@ -6,8 +6,7 @@ on (--max-batch 16) and off (--max-batch 1).
 
 Two real server processes (batching on and off) run on free loopback ports; for each point `--requests` requests
 are sent with `c` in flight at a time (closed loop), `--repeat` times, alternating the servers. Reports requests/s
-and p50/p95 latency. Prints a table and, last,
-one JSON line with every figure.
+and p50/p95 latency: a table, then one JSON line with every figure.
 """
 
 from __future__ import annotations

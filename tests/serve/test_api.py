@@ -34,17 +34,6 @@ def test_health_models_and_page(main_server):
         assert "http://" not in page.text and "https://" not in page.text  # self-contained: no CDN
 
 
-def test_default_host_is_loopback():
-    import argparse
-
-    from cheers.serve import add_serve_subcommand
-
-    p = argparse.ArgumentParser()
-    add_serve_subcommand(p.add_subparsers())
-    a = p.parse_args(["serve"])
-    assert a.host == "127.0.0.1" and a.port == 8000 and a.max_batch == 16
-
-
 def test_openai_client_lists_models(oai):
     assert [m.id for m in oai.models.list()] == ["tiny"]
 

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from cheers.serve import ApiError, Fields, Job, ModelRunner, Scheduler, StreamSink, parse_size
+from cheers.serve.errors import ApiError
+from cheers.serve.scheduler import Job, Scheduler
 
 
 class Recorder:
@@ -144,83 +145,6 @@ def test_cancelled_jobs_are_dropped_before_running():
 
     s = run(main())
     assert [items for _, items in rec.batches] == [["a"]] and s.pending_units == 0
-
-
-class FakeModel:
-    def __init__(self):
-        self.calls = []
-
-    def generate_image(self, prompts, seed, batch_size, **kw):
-        self.calls.append(("generate_image", list(prompts), list(seed), kw))
-        if "bad" in prompts:
-            raise ValueError("prompt 'bad' is too long")
-        return [f"img:{p}:{s}" for p, s in zip(prompts, seed)]
-
-    def chat(self, convs, stream=False, **kw):
-        self.calls.append(("chat", convs, stream, kw))
-        if stream:
-            return iter(["he", "llo"])
-        return [c[-1]["content"][::-1] for c in convs]
-
-
-def test_model_runner_makes_one_call_per_batch_and_splits_results():
-    m = FakeModel()
-    r = ModelRunner(m, max_batch=16)
-    jobs = [Job("image", ("image",), ["p", "p"], [3, 4], {"steps": 2}),
-            Job("image", ("image",), ["q"], [9], {"steps": 2})]
-    out = r("image", jobs)
-    assert out == [(True, ["img:p:3", "img:p:4"]), (True, ["img:q:9"])]
-    assert len(m.calls) == 1 and m.calls[0][2] == [3, 4, 9] and m.calls[0][3] == {"steps": 2}
-    # a failure in a batch is retried per job: only the bad one fails
-    m.calls.clear()
-    out = r("image", [Job("image", ("image",), ["x"], [0]), Job("image", ("image",), ["bad"], [1])])
-    assert out[0] == (True, ["img:x:0"]) and out[1][0] is False and "too long" in str(out[1][1])
-    convs = [[{"role": "user", "content": "abc"}], [{"role": "user", "content": "xy"}]]
-    chat_jobs = [Job("chat", ("c",), [conv], [0], {"seed": 0}) for conv in convs]
-    assert r("chat", chat_jobs) == [(True, ["cba"]), (True, ["yx"])]
-
-
-def test_stream_job_pushes_pieces():
-    m = FakeModel()
-
-    async def main():
-        sink = StreamSink(asyncio.get_running_loop())
-        job = Job("chat_stream", ("s",), [[{"role": "user", "content": "hi"}]], [0], {"seed": 1}, False, sink)
-        out = await asyncio.to_thread(ModelRunner(m, 4), "chat_stream", [job])
-        pieces = []
-        while not sink.queue.empty():
-            pieces.append(sink.queue.get_nowait())
-        return out, pieces
-
-    out, pieces = run(main())
-    assert out == [(True, "hello")] and pieces == [("piece", "he"), ("piece", "llo")]
-
-
-def test_fields_name_the_offending_field():
-    f = Fields({"n": "2", "steps": 0, "extra": 1, "cfg": float("nan")})
-    with pytest.raises(ApiError) as e:
-        f.only({"n", "steps", "cfg"})
-    assert e.value.param == "extra" and "unknown field 'extra'" in e.value.message
-    with pytest.raises(ApiError) as e:
-        f.int("n")
-    assert e.value.param == "n" and "integer" in e.value.message
-    with pytest.raises(ApiError) as e:
-        f.int("steps", 1, 1, 10)
-    assert e.value.param == "steps" and ">= 1" in e.value.message
-    with pytest.raises(ApiError) as e:
-        f.float("cfg")
-    assert e.value.param == "cfg"
-    with pytest.raises(ApiError) as e:
-        Fields([1, 2])
-    assert "must be a JSON object" in e.value.message
-    assert Fields({"n": "3"}, form=True).int("n") == 3
-
-
-def test_parse_size():
-    assert parse_size("25MB") == 25 * 2**20 and parse_size("512KB") == 512 * 1024 and parse_size("100") == 100
-    assert parse_size("1.5k") == 1536
-    with pytest.raises(Exception):
-        parse_size("lots")
 
 
 def test_a_lone_request_on_an_idle_server_does_not_wait():

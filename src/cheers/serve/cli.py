@@ -1,0 +1,115 @@
+"""`cheers serve`: the subcommand's options, and running the server in the foreground.
+
+Only the standard library and torch-free parts of the package are imported here, so `cheers --help` stays fast and
+the subcommand exists even without the `serve` extra (it then says what to install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from cheers.serve.context import default_model_name
+from cheers.serve.deps import require, require_all
+from cheers.serve.runner import warm_up
+from cheers.serve.settings import ServeSettings, parse_size
+
+
+def serve(model: Any, settings: ServeSettings) -> None:
+    """Run the server in the foreground until interrupted."""
+    uvicorn = require("uvicorn")
+    from cheers.serve.app import create_app
+
+    app = create_app(model, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
+
+
+def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `serve` on the `cheers` command's subparsers."""
+    d = ServeSettings()
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-style HTTP API with batching and a web demo page",
+        description="Serve the model over HTTP: /v1/chat/completions, /v1/images/generations, /v1/images/edits, "
+                    "/v1/models, /v1/stats, /health, and a demo page at /.")
+    p.add_argument("--model", default=None, help="model directory or preset name; default: the embedded model")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype; bf16/fp16 run through autocast on GPU only (default: float32)")
+    p.add_argument("--host", default=d.host, help=f"address to bind (default: {d.host}, this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help=f"port (default: {d.port})")
+    p.add_argument("--api-key", default=None,
+                   help="require this key (Authorization: Bearer KEY) on every endpoint but /health; "
+                        "default: $CHEERS_API_KEY, else no key")
+    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: directory name)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"images or conversations per model call (default: {d.max_batch}; 1 = no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help=f"how long a request waits for others to batch with (default: {d.max_wait_ms:g})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"queued + running images/conversations before answering 503 (default: {d.max_queue})")
+    p.add_argument("--max-body-size", type=parse_size, default=d.max_body_bytes,
+                   help="largest request body, e.g. 25MB (default: 25MB)")
+    p.add_argument("--max-image-size", type=parse_size, default=d.max_image_bytes,
+                   help="largest image file, e.g. 16MB (default: 16MB)")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help=f"largest image width x height (default: {d.max_image_pixels})")
+    p.add_argument("--max-images", type=int, default=d.max_images,
+                   help=f"images in one chat request (default: {d.max_images})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help=f"upper limit of a request's max_tokens (default: {d.max_tokens})")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt in tokens, images included (default: the model's context)")
+    p.add_argument("--max-n", type=int, default=d.max_n, help=f"images/choices per request (default: {d.max_n})")
+    p.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help=f"upper limit of denoising steps (default: {d.max_steps})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the model (default: one per core; lower it when sharing the machine)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up calls before accepting requests")
+    p.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"],
+                   help=f"uvicorn log level (default: {d.log_level})")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def settings_from_args(a: argparse.Namespace) -> ServeSettings:
+    """The parsed options as settings; an out-of-range limit is a ValueError naming the option."""
+    for name in ("max_batch", "max_queue", "max_n", "max_steps", "max_tokens", "max_images", "threads"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if a.max_wait_ms < 0:
+        raise ValueError("--max-wait-ms must be >= 0")
+    return ServeSettings(
+        host=a.host, port=a.port, api_key=a.api_key or os.environ.get("CHEERS_API_KEY") or None,
+        model_name=a.model_name, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
+        max_body_bytes=a.max_body_size, max_image_bytes=a.max_image_size, max_image_pixels=a.max_image_pixels,
+        max_images=a.max_images, max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_n=a.max_n,
+        max_steps=a.max_steps, threads=a.threads, warmup=not a.no_warmup, log_level=a.log_level,
+    )
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """Load the model, warm it up and serve it until interrupted."""
+    settings = settings_from_args(a)
+    require_all()
+    import torch
+
+    from cheers.pipeline import Cheers
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model = Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype))
+    if settings.warmup:
+        warm_up(model)
+    name = settings.model_name or default_model_name(model)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"cheers serve: warning: listening on {settings.host} without an API key; anyone who can reach "
+              "this address can use the model (set --api-key or CHEERS_API_KEY)", file=sys.stderr)
+    print(f"cheers serve: {name} ({model.config.resolution} px) on http://{settings.host}:{settings.port}  "
+          f"[batch <= {settings.max_batch}, wait {settings.max_wait_ms:g} ms, queue {settings.max_queue}"
+          f"{', API key required' if settings.api_key else ''}]", file=sys.stderr, flush=True)
+    serve(model, settings)
+    return 0

@@ -1,0 +1,242 @@
+"""Request parsing and validation: the JSON (or form) bodies of the image, edit and chat endpoints become typed
+requests with the model's defaults filled in, or a 4xx naming the offending field. Also the batch keys: requests
+with equal keys may share one model call."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cheers.samplers import SAMPLERS
+from cheers.serve.context import Context
+from cheers.serve.errors import bad, json_type
+from cheers.serve.fields import Fields
+
+IMAGE_FIELDS = frozenset({"model", "prompt", "n", "size", "seed", "steps", "cfg", "cfg_scale", "shift", "sampler",
+                          "cfg_interval", "response_format", "output_format", "user"})
+EDIT_FIELDS = IMAGE_FIELDS | {"image", "images", "edit_start"}
+EDIT_FORM_FIELDS = IMAGE_FIELDS | {"image", "image[]", "edit_start"}
+CHAT_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                         "repetition_penalty", "stop", "seed", "stream", "stream_options", "n", "user"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+
+def image_options(ctx: Context, f: Fields) -> tuple[dict[str, Any], int, int]:
+    """steps/cfg/shift/sampler (model defaults filled in, so equal settings batch), n and the seed."""
+    d = ctx.model.image_defaults
+    s = ctx.settings
+    cfg = f.float("cfg", None, 0.0, 100.0)
+    cfg_scale = f.float("cfg_scale", None, 0.0, 100.0)
+    if cfg is not None and cfg_scale is not None and cfg != cfg_scale:
+        raise bad(f"'cfg' ({cfg}) and 'cfg_scale' ({cfg_scale}) disagree; give one of them", "cfg_scale")
+    opts = {
+        "steps": f.int("steps", int(d.steps), 1, s.max_steps),
+        "cfg_scale": float(cfg if cfg is not None else cfg_scale if cfg_scale is not None else d.cfg_scale),
+        "shift": f.float("shift", float(d.shift), 0.0, 100.0, lo_open=True),
+        "sampler": f.str("sampler", d.sampler, choices=SAMPLERS),
+        "cfg_interval": f.interval("cfg_interval", tuple(d.cfg_interval)),
+    }
+    n = f.int("n", 1, 1, min(s.max_n, s.max_queue))
+    seed = f.int("seed", None, 0, 2**63 - 1 - n)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    size = f.str("size", "auto")
+    R = ctx.resolution
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", size)
+    if size != "auto" and not (m and int(m.group(1)) == R and int(m.group(2)) == R):
+        raise bad(f"unsupported size {size!r}: this model makes {R}x{R} images only", f.param("size"),
+                  code="unsupported_size")
+    f.str("response_format", "b64_json", choices=("b64_json",))
+    f.str("output_format", "png", choices=("png",))
+    ctx.check_model(f)
+    f.str("user", None)
+    return opts, n, seed
+
+
+@dataclass
+class ImageRequest:
+    """A validated image generation or edit request."""
+
+    prompt: str
+    n: int
+    seed: int
+    options: dict[str, Any]
+    image: Any = None  # edits: the source PIL image
+
+
+def parse_image_request(ctx: Context, body: Any) -> ImageRequest:
+    """The JSON body of /v1/images/generations."""
+    f = Fields(body)
+    f.only(IMAGE_FIELDS)
+    prompt = f.str("prompt", nonempty=True)
+    opts, n, seed = image_options(ctx, f)
+    tok = ctx.tokenizer()
+    ctx.check_text(prompt, "prompt")
+    ids = tok.encode_prompt(prompt, task="t2i")
+    ctx.check_prompt_length(ctx.positions(ids), ctx.image_tokens + 1, "prompt", "the generated image")
+    return ImageRequest(prompt, n, seed, opts)
+
+
+def parse_edit_request(ctx: Context, body: Any, form: bool = False, upload: tuple[str, bytes] | None = None
+                       ) -> ImageRequest:
+    """JSON: `image` (data URL) or `images: [{"image_url": data URL}]`; multipart: the uploaded `image` file."""
+    f = Fields(body, form=form)
+    f.only(EDIT_FORM_FIELDS if form else EDIT_FIELDS)
+    prompt = f.str("prompt", nonempty=True)
+    opts, n, seed = image_options(ctx, f)
+    # start time of the edit (t0 = 1 would leave no step): larger keeps more of the source picture
+    opts["edit_start"] = f.float("edit_start", float(ctx.model.image_defaults.edit_start), 0.0, 0.99)
+    if form:
+        if upload is None:
+            raise bad("missing required file 'image' (multipart/form-data upload)", "image", code="missing_field")
+        image = ctx.decode_image(upload[1], "image")
+    elif body.get("image") is not None:
+        if body.get("images") is not None:
+            raise bad("give 'image' or 'images', not both", "images")
+        image = ctx.image_from_url(body["image"], "image")
+    elif body.get("images") is not None:
+        ims = body["images"]
+        if not isinstance(ims, list) or len(ims) != 1:
+            raise bad("'images' must be an array with exactly one image (one source image per edit)", "images")
+        im = ims[0]
+        if isinstance(im, dict):
+            Fields(im, "images[0]").only({"image_url"})
+            im = im.get("image_url")
+        image = ctx.image_from_url(im, "images[0].image_url")
+    else:
+        raise bad("missing required field 'image' (a data URL, or upload a file with multipart/form-data)",
+                  "image", code="missing_field")
+    tok = ctx.tokenizer()
+    ctx.check_text(prompt, "prompt")
+    ids = tok.encode_prompt(f"<im_start><image><im_end>\n{prompt}", task="edit")
+    ctx.check_prompt_length(ctx.positions(ids), ctx.image_tokens + 1, "prompt", "the generated image")
+    return ImageRequest(prompt, n, seed, opts, image)
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat request: the conversation (images decoded) and the sampling options."""
+
+    conversation: list[dict[str, Any]]
+    options: dict[str, Any]
+    n: int
+    stream: bool
+    include_usage: bool
+    prompt_tokens: int
+    max_tokens: int
+    batchable: bool
+
+
+def parse_chat_request(ctx: Context, body: Any) -> ChatRequest:
+    """The JSON body of /v1/chat/completions: messages with text and image_url parts, sampling options."""
+    s = ctx.settings
+    f = Fields(body)
+    f.only(CHAT_FIELDS)
+    ctx.check_model(f)
+    f.str("user", None)
+    msgs = f.raw("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("'messages' must be a non-empty array of {role, content} objects", "messages")
+    tok = ctx.tokenizer()
+    conversation, layout, n_images = [], [], 0
+    for i, m in enumerate(msgs):
+        mf = Fields(m, f"messages[{i}]")
+        mf.only(MESSAGE_FIELDS)
+        role = mf.str("role", choices=tuple(ROLES))
+        mf.str("name", None)
+        content = m.get("content")
+        texts, images = [], []
+        if content is None:
+            if role != "assistant":
+                raise bad(f"missing required field 'messages[{i}].content'", f"messages[{i}].content")
+        elif isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for k, part in enumerate(content):
+                p = f"messages[{i}].content[{k}]"
+                pf = Fields(part, p)
+                kind = pf.str("type", choices=("text", "image_url"))
+                if kind == "text":
+                    pf.only({"type", "text"})
+                    texts.append(pf.str("text"))
+                else:
+                    pf.only({"type", "image_url"})
+                    iu = part.get("image_url")
+                    if isinstance(iu, dict):
+                        Fields(iu, f"{p}.image_url").only({"url", "detail"})
+                        images.append(ctx.image_from_url(iu.get("url"), f"{p}.image_url.url"))
+                    else:
+                        images.append(ctx.image_from_url(iu, f"{p}.image_url"))
+                    n_images += 1
+                    if n_images > s.max_images:
+                        raise bad(f"too many images: more than {s.max_images} in one request", p,
+                                  code="too_many_images")
+        else:
+            raise bad(f"'messages[{i}].content' must be a string or an array of content parts, got "
+                      f"{json_type(content)}", f"messages[{i}].content")
+        text = "\n".join(texts)
+        ctx.check_text(text, f"messages[{i}].content")
+        conversation.append({"role": ROLES[role], "content": text, "images": images})
+        layout.append({"role": ROLES[role],
+                       "content": "".join("<im_start><image><im_end>\n" for _ in images) + text})
+
+    t = ctx.model.text_defaults
+    max_tokens = f.int("max_completion_tokens", None, 1, s.max_tokens)
+    mt = f.int("max_tokens", None, 1, s.max_tokens)
+    if max_tokens is not None and mt is not None and mt != max_tokens:
+        raise bad("'max_tokens' and 'max_completion_tokens' disagree; give one of them", "max_tokens")
+    max_tokens = max_tokens or mt or min(int(t.max_new_tokens), s.max_tokens)
+    temperature = f.float("temperature", float(t.temperature), 0.0, 2.0)
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop):
+        stops = tuple(stop)
+    else:
+        raise bad("'stop' must be a string or an array of at most 4 non-empty strings", "stop")
+    seed = f.int("seed", None, 0, 2**63 - 1)
+    opts = {
+        "max_new_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": f.float("top_p", float(t.top_p), 0.0, 1.0, lo_open=True),
+        "top_k": f.int("top_k", int(t.top_k), 0, None),
+        "repetition_penalty": f.float("repetition_penalty", float(t.repetition_penalty), 0.0, 10.0, lo_open=True),
+        "stop": list(stops),
+        "seed": seed if temperature > 0 else 0,
+    }
+    n = f.int("n", 1, 1, min(s.max_n, s.max_queue))
+    stream = f.bool("stream", False)
+    include_usage = False
+    if body.get("stream_options") is not None:
+        so = Fields(body["stream_options"], "stream_options")
+        so.only({"include_usage", "continuous_usage_stats"})
+        include_usage = so.bool("include_usage", False)
+        so.bool("continuous_usage_stats", False)
+        if not stream:
+            raise bad("'stream_options' is only allowed with stream: true", "stream_options")
+    if stream and n > 1:
+        raise bad("stream: true supports n = 1 only", "n")
+    ids = tok.encode_prompt(layout, task="chat")
+    prompt_tokens = ctx.positions(ids)
+    ctx.check_prompt_length(prompt_tokens, max_tokens, "messages", "max_tokens")
+    # sampled replies with a fixed seed run alone so that the seed reproduces them whatever else is queued
+    batchable = not (temperature > 0 and seed is not None)
+    return ChatRequest(conversation, opts, n, stream, include_usage, prompt_tokens, max_tokens, batchable)
+
+
+def chat_key(req: ChatRequest) -> tuple:
+    """Chat requests with equal keys decode with the same settings, so they can share a batch."""
+    o = req.options
+    return ("chat", o["max_new_tokens"], o["temperature"], o["top_p"], o["top_k"], o["repetition_penalty"],
+            tuple(o["stop"]), o["seed"] if o["temperature"] > 0 else 0)
+
+
+def image_key(task: str, opts: dict[str, Any]) -> tuple:
+    """Image requests with equal keys sample with the same settings, so they can share a batch."""
+    return (task, opts["steps"], opts["cfg_scale"], opts["shift"], opts["sampler"], opts["cfg_interval"])
