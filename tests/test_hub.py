@@ -47,7 +47,8 @@ def release_layout(src: Path, dst: Path, seed_shift: float = 0.0, dtype: torch.d
             shutil.copy(src / name, dst / name)
     (dst / "generation_config.json").write_text(json.dumps(GEN_CONFIG))
     (dst / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "UMMImageProcessor",
-                                                              "scale_resolution": 64, "patch_size": 16}))
+                                                              "scale_resolution": model.config.resolution,
+                                                              "patch_size": model.config.vision.patch_size}))
     return dst
 
 

@@ -151,7 +151,7 @@ class Cheers:
             tok_dir = Path(tokenizer) if tokenizer else path
             tok = CheersTokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir) else None
             img_d, txt_d = read_defaults(path, model.config)
-            pipe = cls(model, tok, device, dtype, img_d, txt_d, source=str(name_or_path))
+            pipe = cls(model, tok, device, dtype, img_d, txt_d, source=str(path))
         if compile:
             pipe.head.compile()
         return pipe
