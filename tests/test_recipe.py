@@ -163,7 +163,8 @@ def test_stub_run_trains_every_stage_in_order_and_packages_the_last_ema(tmp_path
 
 def test_every_stage_starts_from_weights_the_run_wrote_before_it(tmp_path: Path) -> None:
     """A stage's model.init is a directory an earlier step of the run writes (an export, an average or a package),
-    and every checkpoint export reads the stage trained just before it, at its last step."""
+    every checkpoint export reads the stage trained just before it, at its last step, and every average or package
+    reads what the run wrote."""
     calls = _stub_run(tmp_path)
     written: set[str] = set()
     last_trained: TrainConfig | None = None
@@ -184,6 +185,8 @@ def test_every_stage_starts_from_weights_the_run_wrote_before_it(tmp_path: Path)
                 assert last_trained.ema.decay > 0, f"{c}: the stage keeps no EMA"
             written.add(c[2])
         elif c[0].endswith(("package.py", "average_exports.py")):
+            inputs = [_opt(c, "--export")] if c[0].endswith("package.py") else [_opt(c, "--a"), _opt(c, "--b")]
+            assert set(inputs) <= written, f"{c}: reads what the run has not written"
             written.add(_opt(c, "--dest"))
     assert _cfg(HEAD_ONLY).model.init == _opt(_tool_calls(calls, "average_exports.py")[-1], "--dest")
 
