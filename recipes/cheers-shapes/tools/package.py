@@ -27,6 +27,12 @@ def main() -> None:
     ap.add_argument("--card", default=None, help="model card to copy in as README.md (default: none; an existing "
                     "README.md in --dest is kept)")
     a = ap.parse_args()
+    try:
+        lo, hi = (float(v) for v in a.cfg_interval.split(","))
+    except ValueError:
+        ap.error(f"--cfg-interval {a.cfg_interval!r}: expected LO,HI (two numbers)")
+    if a.card and not Path(a.card).is_file():
+        ap.error(f"--card {a.card}: no such file")
     src, dest = Path(a.export), Path(a.dest)
     model = load_model(src)
     dest.mkdir(parents=True, exist_ok=True)
@@ -34,14 +40,11 @@ def main() -> None:
     save_model(model, dest, dtype=torch.float16, include_tied_head=False)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, dest / name)
-    lo, hi = (float(v) for v in a.cfg_interval.split(","))
     image = {"steps": a.steps, "cfg_scale": a.cfg, "shift": a.shift, "sampler": a.sampler, "cfg_interval": [lo, hi]}
     gen = {"cheers": {"image": image,
                       "text": {"max_new_tokens": 64, "temperature": 0.0}}}
     (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if a.card:
-        if not Path(a.card).is_file():
-            ap.error(f"--card {a.card}: no such file")
         shutil.copy(a.card, dest / "README.md")
     size = sum(p.stat().st_size for p in dest.iterdir())
     print(json.dumps({"dest": str(dest), "bytes": size}))
