@@ -152,7 +152,7 @@ def test_decoder_stage_trains_the_latent_to_pixel_decoder():
 
     model = CheersModel(preset("cheers-small"))
     cfg = load_config(REPO / "recipes/cheers-shapes/05_big_objects.yaml")
-    assert cfg.model.init == "runs/embedded/continue2/package" and cfg.schedule.kind == "wsd"
+    assert cfg.model.init == "runs/embedded/04_continue2/package" and cfg.schedule.kind == "wsd"
     trainable, frozen = select_trainable(model, cfg.trainable.include, cfg.trainable.exclude)
     assert {n.split(".")[1] for n in frozen} == {"vae_model", "vision_representation"}
     assert all(n.startswith("model.vision_representation.head.") for n in frozen if "vision_representation" in n)
