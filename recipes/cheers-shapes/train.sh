@@ -4,8 +4,8 @@
 # card. Everything runs under runs/embedded (the path the stage configs name) from the repository root.
 # One process and fixed seeds everywhere: the same machine gives the same weights. A re-run skips the finished
 # stages and resumes an interrupted one from its latest checkpoint. Arguments are passed to every `cheers train`.
-#   STEPS_NN: where stage NN stops on its schedule (default: all of it, which is what the shipped model used); the
-#   next stage then starts from the weights at that step. PY / CHEERS: the interpreter and the `cheers` command.
+#   STEPS_NN: stop stage NN after that many steps of its schedule (default: all of them, as for the shipped model);
+#   the exports between stages are taken at that step. PY / CHEERS: the interpreter and the `cheers` command.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=recipes/cheers-shapes
