@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cheers.pipeline import EMBEDDED_DIR, Cheers
+
+TOOLS = Path(__file__).resolve().parents[1] / "recipes" / "cheers-shapes" / "tools"
 
 
 def test_embedded_model_ships_and_runs():
@@ -42,7 +46,7 @@ def test_embedded_autoencoder_keeps_shapes_and_colours():
     assert float(((rec - x) ** 2).mean()) < 2e-3  # PSNR > 27 dB
     ok = [score_geneval(detect((r.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)), it.geneval)[0]
           for it, r in zip(items, rec)]
-    # measured: 0.875 here (fp16 weights, 24 scenes); 0.992 on 120 scenes in fp32 (scripts/embedded/vae_ceiling.py)
+    # measured: 0.875 here (fp16 weights, 24 scenes); 0.992 on 120 scenes in fp32 (the recipe's tools/vae_ceiling.py)
     assert np.mean(ok) >= 0.8, f"judge on reconstructions {np.mean(ok):.2f}"
 
 
@@ -71,60 +75,14 @@ def test_embedded_model_draws_the_asked_digit(tmp_path):
 
 
 def _script(name: str):
-    """Load scripts/embedded/<name>.py as a module (the scripts are not a package)."""
+    """Load recipes/cheers-shapes/tools/<name>.py as a module (the tools are not a package)."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "embedded" / f"{name}.py"
+    path = TOOLS / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def test_vision_probe_separates_informative_from_random_features():
-    """The shape probe of scripts/embedded/vision_probe.py: ~1.0 on features that encode the label, ~chance on noise."""
-    import torch
-
-    mod = _script("vision_probe")
-    g = torch.Generator().manual_seed(0)
-    y_train, y_test = torch.randint(0, 6, (600,), generator=g), torch.randint(0, 6, (300,), generator=g)
-    centres = torch.randn(6, 16, generator=g) * 3
-    informative = lambda y: centres[y] + torch.randn(len(y), 16, generator=g)  # noqa: E731
-    assert mod.probe(informative(y_train), y_train, informative(y_test), y_test) > 0.95
-    noise = mod.probe(torch.randn(600, 16, generator=g), y_train, torch.randn(300, 16, generator=g), y_test)
-    assert noise < 0.3
-
-
-def test_xt_visibility_ridge_separates_linear_maps_from_noise():
-    """The held-out R^2 of scripts/embedded/xt_visibility.py: ~1 for a noisy linear map, ~0 for unrelated targets,
-    and independent of the features' scale (the penalty is relative)."""
-    import torch
-
-    ridge_r2 = _script("xt_visibility").ridge_r2
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1200, 64, generator=g)
-    w = torch.randn(64, 16, generator=g)
-    y = x @ w + 0.1 * torch.randn(1200, 16, generator=g)
-    assert ridge_r2(x[:800], y[:800], x[800:], y[800:]) > 0.98
-    assert ridge_r2(1e3 * x[:800], y[:800], 1e3 * x[800:], y[800:]) > 0.98
-    noise = torch.randn(1200, 16, generator=g)
-    # unrelated targets: no spurious fit (slightly negative: 64 fitted features on 800 rows overfit by ~p/n)
-    assert -0.2 < ridge_r2(x[:800], noise[:800], x[800:], noise[800:]) < 0.05
-
-
-def test_prompt_sensitivity_spread_is_zero_for_ignored_words_and_near_one_for_unrelated_outputs():
-    import torch
-
-    relative_spread = _script("prompt_sensitivity").relative_spread
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 32, generator=g)
-    assert relative_spread(x.expand(5, -1, -1)) < 1e-12  # the word changes nothing
-    # five unrelated outputs of equal scale: variance across them / mean square = (k - 1) / k = 0.8
-    assert abs(relative_spread(torch.randn(5, 16, 32, generator=g)) - 0.8) < 0.05
-    # a shared component four times as strong as the word's effect: 1 / (1 + 16) of the energy moves, times 0.8
-    shared = relative_spread(4 * x + torch.randn(5, 16, 32, generator=g))
-    assert 0.03 < shared < 0.07
 
 
 @pytest.mark.parametrize("rung,args,side_range", [
@@ -288,23 +246,6 @@ def test_scene_picture_twins_ask_the_text_twins_questions_over_their_pictures(tm
     assert not (tmp_path / "bad").exists()
 
 
-def test_answer_margin_auc_and_scores():
-    """answer_margin.py: the AUC is the Mann-Whitney probability (ties 1/2), and the embedded model's scores are
-    well-formed probabilities over both input modes."""
-    mod = _script("answer_margin")
-    assert mod.auc([3, 2, 1, 0], [True, True, False, False]) == 1.0
-    assert mod.auc([0, 1, 2, 3], [True, True, False, False]) == 0.0
-    assert mod.auc([1, 1, 1, 1], [True, False, True, False]) == 0.5
-    assert mod.auc([2, 0, 1, 3], [True, False, True, False]) == 0.5  # 2 > 0, 2 < 3, 1 > 0, 1 < 3
-    with pytest.raises(ValueError, match="both"):
-        mod.auc([1, 2], [True, True])
-    out = mod.score(Cheers.from_pretrained(None), n=4, batch=3)
-    for mode in ("picture", "text"):
-        r = out[mode]
-        assert 0 <= r["yesno_auc"] <= 1 and r["yesno_sign_accuracy"] in (0, 0.25, 0.5, 0.75, 1)
-        assert r["mcq_restricted_accuracy"] in (0, 0.25, 0.5, 0.75, 1) and 0.2 <= r["mcq_chance"] <= 0.5
-
-
 def test_shape_names_ask_for_a_drawn_shape_by_a_unique_colour_at_every_rung(tmp_path, monkeypatch):
     """make_shape_names.py: every question names the shape the judge sees in its picture (the only object, or the
     one object of the asked colour), the rungs have their sizes, the train split has no held-out pair, and
@@ -406,90 +347,234 @@ def test_average_exports_interpolates_every_tensor_once(tmp_path):
     with pytest.raises(ValueError, match="different tokenizers"):
         mod.average(a, b, 0.5, tmp_path / "bad")
 
+def test_package_rewrites_the_shipped_package_byte_for_byte(tmp_path, monkeypatch):
+    """package.py with the recipe's sampling defaults, given the shipped weights (fp16 loaded into fp32), writes
+    the shipped files back bit-identical: the fp16 round trip loses nothing and the settings are the shipped ones.
+    Without --card, a model card already in the destination is kept."""
+    import sys
 
-def test_transplant_to_16_tokens_keeps_the_llm_and_head_and_resizes_the_vit(tmp_path):
-    """scripts/embedded/p17/transplant.py: the 4-token model's LLM / head weights land unchanged in a 16-token model,
-    the VAE is the given factor-4 one, and the resized 8 px patch kernel sees a patch exactly as the 16 px kernel sees
-    the picture upsampled 2x."""
-    import shutil
+    mod = _script("package")
+    dest = tmp_path / "pkg"
+    dest.mkdir()
+    (dest / "README.md").write_text("the card\n")
+    monkeypatch.setattr(sys, "argv", ["package.py", "--export", str(EMBEDDED_DIR), "--dest", str(dest), "--cfg", "5",
+                                      "--cfg-interval", "0,0.4", "--sampler", "renoise", "--steps", "40"])
+    mod.main()
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (dest / name).read_bytes() == (EMBEDDED_DIR / name).read_bytes(), name
+    assert (dest / "README.md").read_text() == "the card\n"
+
+
+def test_package_stores_fp16_once_copies_a_given_card_and_names_bad_options(tmp_path, monkeypatch, capsys):
+    """package.py: every floating tensor in fp16, the tied LM head not stored twice, the default sampling settings,
+    --card copied in as README.md; a missing card or a malformed --cfg-interval is refused by name before anything
+    is written."""
+    import json
+    import sys
+
+    from safetensors import safe_open
+
+    from cheers.checkpoint import load_model
+
+    mod = _script("package")
+    card = tmp_path / "card.md"
+    card.write_text("# a card\n")
+    dest = tmp_path / "pkg"
+    monkeypatch.setattr(sys, "argv", ["package.py", "--export", str(EMBEDDED_DIR), "--dest", str(dest),
+                                      "--card", str(card)])
+    mod.main()
+    assert (dest / "README.md").read_text() == "# a card\n"
+    gen = json.loads((dest / "generation_config.json").read_text())["cheers"]
+    assert gen["image"] == {"steps": 20, "cfg_scale": 3.0, "shift": 1.0, "sampler": "euler", "cfg_interval": [0.0, 1.0]}
+    assert gen["text"] == {"max_new_tokens": 64, "temperature": 0.0}
+    model = load_model(EMBEDDED_DIR)
+    with safe_open(str(dest / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        dtypes = {str(f.get_tensor(k).dtype) for k in keys if f.get_tensor(k).is_floating_point()}
+    assert dtypes == {"torch.float16"}
+    assert "lm_head.weight" not in keys and "model.language_model.embed_tokens.weight" in keys
+    assert keys == set(model.state_dict()) - {"lm_head.weight"}
+    capsys.readouterr()
+    for bad, message in ((["--card", str(tmp_path / "none.md")], "--card"), (["--cfg-interval", "0.4"], "LO,HI")):
+        monkeypatch.setattr(sys, "argv", ["package.py", "--export", str(EMBEDDED_DIR), "--dest",
+                                          str(tmp_path / "bad"), *bad])
+        with pytest.raises(SystemExit) as e:
+            mod.main()
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_export_step_writes_the_plain_or_the_averaged_weights_of_a_checkpoint(tmp_path, monkeypatch):
+    """export_step.py: a training checkpoint as a model directory with its tokenizer beside it; --ema gives the
+    run's moving average instead of the weights (the recipe packages the EMA of several stages)."""
+    import sys
 
     import torch
-    import torch.nn.functional as F
+
+    from cheers.checkpoint import load_model
+    from cheers.train import engine as E
+    from cheers.train.ckpt import load_checkpoint_model
+    from cheers.train.settings import load_config
+    from cheers.train.synthetic import make_dataset, make_tokenizer
+
+    files = make_dataset(tmp_path / "data", n_understanding=2, n_generation=2, n_edit=1, n_text=1)
+    make_tokenizer(tmp_path / "tok")
+    raw = {"stage": "t", "steps": 2, "micro_batch_size": 2, "output_dir": str(tmp_path / "run"), "threads": 1,
+           "model": {"preset": "cheers-tiny", "tokenizer": str(tmp_path / "tok")}, "optim": {"lr": 1e-2},
+           "schedule": {"warmup": 0}, "log": {"interval": 1, "progress": False}, "latents": {"dir": "memory"},
+           "ckpt": {"interval": 2, "export_final": False}, "ema": {"decay": 0.5, "start": 0},
+           "data": {"sources": [{"path": str(files[k])} for k in ("understanding", "generation")]}}
+    trainer = E.FlowTrainer(load_config(None, raw=raw))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    step = tmp_path / "run" / "ckpt" / "step_2"
+    mod = _script("export_step")
+    got = {}
+    for ema in (False, True):
+        out = tmp_path / f"export_{'ema' if ema else 'plain'}"
+        monkeypatch.setattr(sys, "argv", ["export_step.py", str(step), str(out), *(["--ema"] if ema else [])])
+        mod.main()
+        want = load_checkpoint_model(step, ema=ema).state_dict()
+        got[ema] = load_model(out).state_dict()
+        assert got[ema].keys() == want.keys()
+        for name, t in want.items():
+            assert torch.equal(got[ema][name], t), name
+        for f in (step / "tokenizer").iterdir():
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    moved = max(float((got[True][n] - got[False][n]).abs().max()) for n in got[False] if "vae_model" not in n)
+    assert moved > 1e-4  # the average is not the last weights: the test tells the two apart
+
+
+def test_vae_ceiling_of_the_shipped_autoencoder(monkeypatch, capsys):
+    """vae_ceiling.py: per generation category, the share of held-out scenes the judge still accepts after
+    encode -> decode, beside the same judge on the clean renders (which it accepts by construction)."""
+    import json
+    import sys
+
+    from cheers.eval.shapes import GENERATION_CATEGORIES
+
+    mod = _script("vae_ceiling")
+    monkeypatch.setattr(sys, "argv", ["vae_ceiling.py", "--model", str(EMBEDDED_DIR), "--n", "4", "--seed", "7"])
+    mod.main()
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 4 and report["seed"] == 7
+    assert report["judge_on_clean_renders"] == 1.0
+    cats = report["judge_on_reconstructions"]["categories"]
+    assert sorted(cats) == sorted(GENERATION_CATEGORIES)
+    assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in cats.values())
+    assert report["judge_on_reconstructions"]["overall"] == pytest.approx(sum(cats.values()) / len(cats), abs=1e-3)
+    assert report["judge_on_reconstructions"]["overall"] >= 0.8 and 0 < report["recon_mse"] < 2e-3
+
+
+def test_evaluate_writes_one_summary_and_compares_samplers_at_a_quarter_of_the_steps(tmp_path, monkeypatch):
+    """evaluate.py: the harness runs it makes and what it passes on (the model's own sampling defaults unless
+    overridden; the sampler comparison at a quarter of the steps with Heun and renoise), all in summary.json."""
+    import json
+    import sys
+    from types import SimpleNamespace
+
+    mod = _script("evaluate")
+    calls = []
+    model = SimpleNamespace(image_defaults=SimpleNamespace(steps=40, cfg_scale=5.0),
+                            config=SimpleNamespace(resolution=64))
+
+    def shapes(c, **kw):
+        assert c is model
+        kw["out_dir"].mkdir(parents=True, exist_ok=True)
+        calls.append(("shapes", kw))
+        return {"run": len(calls)}
+
+    monkeypatch.setattr(mod.Cheers, "from_pretrained", staticmethod(lambda path: model))
+    monkeypatch.setattr(mod, "evaluate_shapes", shapes)
+    monkeypatch.setattr(mod, "evaluate_digits", lambda c, **kw: calls.append(("digits", kw)) or {"digits": kw["n"]})
+    monkeypatch.setattr(mod, "generation_sharpness", lambda out, n, seed, res: {"ratio": (n, seed, res)})
+    for extra, gen_kw, few_steps in (([], {}, 10), (["--steps", "8", "--cfg", "2"], {"steps": 8, "cfg_scale": 2.0}, 2)):
+        calls.clear()
+        out = tmp_path / f"eval{len(extra)}"
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", "m", "--out", str(out), "--n", "3",
+                                          "--n-digits", "7", "--seed", "5", "--compare-samplers", *extra])
+        mod.main()
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["gen_kw"] == (gen_kw or {"steps": 40, "cfg_scale": 5.0})
+        assert [name for name, _ in calls] == ["shapes", "digits", "shapes", "shapes"]
+        first, digits, heun, renoise = (kw for _, kw in calls)
+        assert (first["n"], first["seed"], first["gen_kw"], first["edit_kw"]) == (3, 5, gen_kw, gen_kw)
+        assert (digits["n"], digits["seed"], digits["gen_kw"]) == (7, 5, gen_kw)
+        assert heun["gen_kw"] == {**gen_kw, "steps": few_steps, "sampler": "heun"}
+        assert heun["tasks"] == renoise["tasks"] == ("generation",)
+        assert renoise["gen_kw"] == {**gen_kw, "steps": few_steps, "sampler": "renoise"}
+        assert summary["shapes"] == {"run": 1} and summary["digits"] == {"digits": 7}
+        assert summary["sharpness"] == {"ratio": [3, 5, 64]}
+        assert summary["sampling_4x_fewer_heun"] == {"run": 3} and summary["sampling_4x_fewer_renoise"] == {"run": 4}
+
+
+def test_make_data_writes_every_family_splits_the_digits_and_trains_the_tokenizer(tmp_path, monkeypatch):
+    """make_data.py: n samples of every ShapesWorld kind per family file, the digits split into their generation
+    and understanding halves (nothing lost, nothing in both), and a tokenizer of the asked size that reads every
+    text of the data back unchanged."""
+    import json
+    import sys
+
+    from cheers.eval.shapes import EDIT_KINDS, GENERATION_CATEGORIES, UNDERSTANDING_TYPES
+    from cheers.tokenizer import CheersTokenizer
+
+    mod = _script("make_data")
+    monkeypatch.setattr(sys, "argv", ["make_data.py", "--out", str(tmp_path), "--n-gen", "2", "--n-und", "1",
+                                      "--n-edit", "1", "--n-text", "3", "--vocab", "300"])
+    mod.main()
+
+    def ids(name):
+        return [json.loads(line)["id"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+    assert len(ids("shapes_generation")) == 2 * len(GENERATION_CATEGORIES)
+    assert len(ids("shapes_understanding")) == len(UNDERSTANDING_TYPES)
+    assert len(ids("shapes_edit")) == len(EDIT_KINDS) and len(ids("shapes_text")) == 3
+    assert sorted({i.split("_")[2] for i in ids("shapes_edit")}) == sorted(EDIT_KINDS)
+    gen, und, both = ids("digits_generation"), ids("digits_understanding"), ids("digits_train")
+    assert all("_generation_" in i for i in gen) and not any("_generation_" in i for i in und)
+    assert sorted(gen + und) == sorted(both) and len(gen) == len(und) > 1000
+    tok = CheersTokenizer.from_dir(tmp_path / "tokenizer")
+    assert tok.vocab_size == 300
+    for name in ("shapes_generation", "shapes_understanding", "shapes_text", "digits_understanding"):
+        for text in mod.texts_of(tmp_path / f"{name}.jsonl"):
+            assert tok.decode(tok.encode(text)) == text
+
+
+def test_average_exports_command_line_gives_each_end_exactly(tmp_path, monkeypatch, capsys):
+    """average_exports.py from the command line: --alpha 0 is export A and --alpha 1 export B, tensor for tensor,
+    with the tokenizer of A and one JSON line naming the destination."""
+    import json
+    import shutil
+    import sys
+
+    import torch
 
     from cheers.checkpoint import load_model, save_model
-    from cheers.config import preset
-    from cheers.model.cheers import CheersModel
 
-    mod = _script("p17/transplant")
-    donor = load_model(EMBEDDED_DIR)
-    cfg = preset("cheers-small-p8")
-    cfg.tokens = donor.config.tokens
-    cfg.text.vocab_size = donor.config.text.vocab_size
-    torch.manual_seed(0)
-    vae_dir = tmp_path / "vae"
-    save_model(CheersModel(cfg.validate()), vae_dir)
+    mod = _script("average_exports")
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(EMBEDDED_DIR, a)
+    model = load_model(a)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 0.1 * torch.randn_like(p))
+    save_model(model, b)
     for name in mod.TOKENIZER_FILES:
-        shutil.copy(EMBEDDED_DIR / name, vae_dir / name)
-    counts = mod.transplant(EMBEDDED_DIR, vae_dir, tmp_path / "out")
-    assert counts["resized"] == 2 and counts["copied"] > 100 and counts["kept_from_vae"] > 100
-    out, vae, src = load_model(tmp_path / "out"), load_model(vae_dir).state_dict(), donor.state_dict()
-    assert out.config.name == "cheers-small-p8"
-    for name, t in out.state_dict().items():
-        if name.startswith(mod.FROM_VAE):
-            assert torch.equal(t, vae[name]), name
-        elif name not in (mod.PATCH, mod.POSITIONS):
-            assert torch.equal(t, src[name]), name
-    x = torch.randn(2, 3, 64, 64)
-    w8, w16 = out.state_dict()[mod.PATCH], src[mod.PATCH]
-    assert w8.shape[-1] == 8 and w16.shape[-1] == 16
-    up = F.interpolate(x, scale_factor=2, mode="nearest")
-    torch.testing.assert_close(F.conv2d(x, w8, stride=8), F.conv2d(up, w16, stride=16), rtol=1e-4, atol=1e-4)
-    # a position table linear in (row, col) stays linear inside the grid after the bilinear resize
-    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
-    table = torch.stack([rows.flatten(), cols.flatten()], dim=1) * 2.0 + 1.0
-    big = mod.resize_positions(table, 8).reshape(8, 8, 2)
-    coord = (torch.arange(8.0) + 0.5) / 2 - 0.5  # where output cell i samples the 4x4 grid
-    inner = slice(1, 7)
-    torch.testing.assert_close(big[inner, inner, 0], (coord[inner, None] * 2 + 1).expand(6, 6))
-    torch.testing.assert_close(big[inner, inner, 1], (coord[None, inner] * 2 + 1).expand(6, 6))
-    (vae_dir / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="another tokenizer"):
-        mod.transplant(EMBEDDED_DIR, vae_dir, tmp_path / "bad")
-
-
-def test_gate_knockout_reports_gate_values_and_cuts_the_detail_path():
-    """gate_knockout.py: one mean gate value per t, and cutting the detail path changes the velocity the shipped
-    model predicts (it relies on the path: the error at least doubles) and is undone afterwards."""
-    mod = _script("gate_knockout")
-    flow = _script("flow_loss")
-    c = Cheers.from_pretrained(None)
-    model, tok = c.model, c.tokenizer
-    values = mod.gate_values(model, tok, n=1, seed=3)
-    assert list(values) == list(flow.T_GRID) and all(v == v and abs(v) < 1e3 for v in values.values())
-    on = flow.flow_errors(model, tok, 1, 3)["prompt"]["mean"]
-    model.model.hi_gate.enabled = False
-    try:
-        off = flow.flow_errors(model, tok, 1, 3)["prompt"]["mean"]
-    finally:
-        model.model.hi_gate.enabled = True
-    assert off > 2 * on, (on, off)
-    assert flow.flow_errors(model, tok, 1, 3)["prompt"]["mean"] == pytest.approx(on, rel=1e-6)
-
-
-def test_memorisation_probe_reads_training_images_by_category_and_scores_both_sides(tmp_path):
-    """memorisation_probe.py: the first n training images of each category with their prompts, and one velocity
-    error per (category, t); pairing the prompts with other images changes the error (it is computed on them)."""
-    from cheers.eval.shapes import make_dataset
-
-    mod = _script("memorisation_probe")
-    jsonl = make_dataset(tmp_path, {"single_object": 3, "colors": 3}, 0, "train", 64, meta="none", name="gen")
-    texts, images, cats = mod.training_items(jsonl, 2)
-    assert cats == ["single_object"] * 2 + ["colors"] * 2 and len(texts) == len(images) == 4
-    assert all(t.endswith("generate an image.") for t in texts) and images[0].size == (64, 64)
-    c = Cheers.from_pretrained(None)
-    err = mod.errors(c.model, c.tokenizer, texts, images, cats, batch=3)
-    summary = mod.summary(err)
-    assert sorted(summary["by_category"]) == ["colors", "single_object"]
-    assert all(len(v) == 5 for v in summary["by_category"].values()) and 0 < summary["overall"] < 5
-    swapped = mod.summary(mod.errors(c.model, c.tokenizer, texts, images[::-1], cats, batch=3))
-    assert swapped["overall"] != summary["overall"]
+        shutil.copy(a / name, b / name)
+    capsys.readouterr()
+    for alpha, want in (("0", a), ("1", b)):
+        dest = tmp_path / f"avg{alpha}"
+        monkeypatch.setattr(sys, "argv", ["average_exports.py", "--a", str(a), "--b", str(b), "--alpha", alpha,
+                                          "--dest", str(dest)])
+        mod.main()
+        line = json.loads(capsys.readouterr().out)
+        assert line["dest"] == str(dest) and line["alpha"] == float(alpha) and line["distance"] > 1
+        got, ref = load_model(dest).state_dict(), load_model(want).state_dict()
+        for name, t in ref.items():
+            assert torch.equal(got[name], t), (alpha, name)
+        for name in mod.TOKENIZER_FILES:
+            assert (dest / name).read_bytes() == (a / name).read_bytes()

@@ -126,14 +126,14 @@ def test_trainable_patterns_stage1():
     assert t2 and all(n.startswith("model.hi_gate.") for n in t2)
 
 
-def test_p8_joint_after_vision_stage_freezes_the_whole_vit():
-    """The joint stage after ViT pretraining must not train the ViT (doing so erased its shape features)."""
+def test_joint_after_vision_stage_freezes_the_whole_vit():
+    """A joint stage after ViT pretraining must not train the ViT (doing so erased its shape features)."""
     from cheers.config import preset
     from cheers.model.cheers import CheersModel
     from cheers.train.optim import select_trainable
 
     model = CheersModel(preset("cheers-small-p8"))
-    cfg = load_config(REPO / "scripts/embedded/p8/stage1_joint_vision.yaml")
+    cfg = load_config(REPO / "tests/fixtures/joint_frozen_vit.yaml")
     assert cfg.model.init.endswith("vision/export") and cfg.schedule.kind == "wsd" and cfg.steps == 2300
     trainable, frozen = select_trainable(model, cfg.trainable.include, cfg.trainable.exclude)
     frozen_roots = {n.split(".")[1] for n in frozen}
@@ -144,15 +144,15 @@ def test_p8_joint_after_vision_stage_freezes_the_whole_vit():
 
 
 def test_decoder_stage_trains_the_latent_to_pixel_decoder():
-    """The continued stage of scripts/embedded/p4dec trains the latent-to-pixel decoder (paper stage 2): frozen, it
-    hid the noise of x_t from the velocity head (scripts/embedded/xt_visibility.py)."""
+    """Stage 05 of the cheers-shapes recipe trains the latent-to-pixel decoder (paper stage 2): frozen, it hid the
+    noise of x_t from the velocity head, which sees x_t only through decoder -> ViT."""
     from cheers.config import preset
     from cheers.model.cheers import CheersModel
     from cheers.train.optim import select_trainable
 
     model = CheersModel(preset("cheers-small"))
-    cfg = load_config(REPO / "scripts/embedded/p4dec/stage5_decoder.yaml")
-    assert cfg.model.init == "runs/embedded/continue2/package" and cfg.schedule.kind == "wsd"
+    cfg = load_config(REPO / "recipes/cheers-shapes/05_big_objects.yaml")
+    assert cfg.model.init == "runs/embedded/04_continue2/package" and cfg.schedule.kind == "wsd"
     trainable, frozen = select_trainable(model, cfg.trainable.include, cfg.trainable.exclude)
     assert {n.split(".")[1] for n in frozen} == {"vae_model", "vision_representation"}
     assert all(n.startswith("model.vision_representation.head.") for n in frozen if "vision_representation" in n)
