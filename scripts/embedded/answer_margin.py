@@ -21,8 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_scene_text import twin_question  # noqa: E402
 
-from cheers.eval.shapes import make_sample, render_scene  # noqa: E402
 from cheers.pipeline import Cheers  # noqa: E402
+from cheers.shapes.samples import make_sample  # noqa: E402
+from cheers.shapes.world import render_scene  # noqa: E402
 
 
 def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:

@@ -14,9 +14,10 @@ import torch
 
 from cheers import constants as C
 from cheers.checkpoint import load_model
-from cheers.eval.shapes import eval_prompts, render_scene
+from cheers.eval.shapes import eval_prompts
 from cheers.processor import preprocess_generation
 from cheers.sampling import cfg_rows, left_pad
+from cheers.shapes.world import render_scene
 from cheers.tokenizer import CheersTokenizer
 
 T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)

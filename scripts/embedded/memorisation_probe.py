@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from cheers.checkpoint import load_model
-from cheers.eval.shapes import eval_prompts, render_scene
+from cheers.eval.shapes import eval_prompts
 from cheers.processor import preprocess_generation
 from cheers.sampling import left_pad
+from cheers.shapes.world import render_scene
 from cheers.tokenizer import CheersTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts are not a package

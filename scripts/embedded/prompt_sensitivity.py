@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from cheers.checkpoint import load_model
-from cheers.eval.shapes import GEN_SUFFIX, ObjectSpec, SceneSpec, render_scene
 from cheers.processor import preprocess_generation
 from cheers.sampling import left_pad
+from cheers.shapes.datasets import GEN_SUFFIX
+from cheers.shapes.world import ObjectSpec, SceneSpec, render_scene
 from cheers.tokenizer import CheersTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts are not a package

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cheers.checkpoint import load_model
-from cheers.eval.shapes import SHAPES
 from cheers.processor import preprocess_understanding
+from cheers.shapes.world import SHAPES
 
 
 def single_objects(data: Path, limit: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:

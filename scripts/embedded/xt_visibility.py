@@ -18,8 +18,9 @@ import json
 import torch
 
 from cheers.checkpoint import load_model
-from cheers.eval.shapes import eval_prompts, render_scene
+from cheers.eval.shapes import eval_prompts
 from cheers.processor import preprocess_generation
+from cheers.shapes.world import render_scene
 
 T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 

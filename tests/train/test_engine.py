@@ -26,7 +26,7 @@ STAGES = ("stage0_vae", "stage1_align", "stage2_pretrain", "stage3_pretrain", "s
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from cheers.train.synthetic import make_dataset, make_tokenizer
+    from cheers.shapes.smoke import make_dataset, make_tokenizer
 
     root = tmp_path_factory.mktemp("engine")
     files = make_dataset(root / "data", n_understanding=4, n_generation=4, n_edit=2, n_text=2)
