@@ -205,4 +205,3 @@ def test_an_unknown_stage_kind_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(TrainConfigError, match="kind: 'diffusion' is not one of flow, vae, vision"):
         load_config("stage1_align", ["kind=diffusion"])
-

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+
 def test_global_batch_does_not_depend_on_the_split(flow_config):
     """1 rank x micro 4, 2 ranks x micro 2 and 1 rank x micro 2 x accumulation 2 take the same records."""
     from cheers.train.feed import RecordFeed, slot_range

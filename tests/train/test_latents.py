@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 def test_latent_cache_is_exact_and_persistent(work, tmp_path):
     from cheers.config import preset
     from cheers.model.cheers import CheersModel

@@ -9,6 +9,7 @@ import torch
 from cheers.train import engine as E
 from cheers.train.settings import load_config
 
+
 def test_stage0_vae_trains_and_hands_over(work, tmp_path):
     from cheers.checkpoint import load_model
     from cheers.model.vae import patchify

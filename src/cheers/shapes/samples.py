@@ -112,7 +112,6 @@ def _unique_desc(spec: SceneSpec, i: int) -> str | None:
     return None
 
 
-
 # ---- generation samples (GenEval categories) ----------------------------------------------------------------------
 
 GEN_TEMPLATES = {

@@ -168,7 +168,6 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-
 def _per_task_sums(base: nn.Module, model: nn.Module, kept: dict[str, Any], mb: MicroBatch) -> torch.Tensor:
     """[sum, count] of CE per row kind and of flow MSE per image role, as one float64 vector."""
     ids, am = mb.inputs["input_ids"].cpu(), mb.inputs["attention_mask"].cpu()

@@ -30,6 +30,7 @@ from cheers.train.metrics import MetricLogger
 from cheers.train.optim import LRSchedule, build_optimizer
 from cheers.train.settings import TrainConfig, TrainConfigError, dump_config
 
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm of a step is NaN or infinite (nan_policy=error)."""
 
@@ -41,7 +42,6 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
-
 def grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """Gradient synchronisation over ranks on (`sync`, the last micro-batch of a step) or off (DDP / FSDP2)."""
     if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
@@ -49,7 +49,6 @@ def grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContex
     if is_fsdp(model):
         model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
-
 
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> float:
@@ -62,7 +61,6 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float | None) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
-
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
