@@ -132,7 +132,7 @@ def larger_preset(n_samples: int, warmup: int, reps: int) -> dict:
     from cheers.train.data import SampleBuilder, collate
     from cheers.train.feed import RecordFeed, sample_noise
     from cheers.train.settings import DataSection, SourceSection
-    from cheers.train.synthetic import make_dataset, make_tokenizer
+    from cheers.shapes.smoke import make_dataset, make_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         files = make_dataset(Path(tmp) / "data", n_understanding=8, n_generation=8, n_edit=4, n_text=4)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from cheers.eval import digits as D
 from cheers.eval import shapes as S
+from cheers.shapes import world as W
 
 
 def image_key(im: Image.Image | list | None) -> str:
@@ -45,7 +46,7 @@ class OracleShapes:
 
     def generate_image(self, prompts, seed=0, **kw):
         self.calls.append(("generate_image", len(prompts), seed))
-        return [S.render_scene(self.gen[p], self.resolution) for p in prompts]
+        return [W.render_scene(self.gen[p], self.resolution) for p in prompts]
 
     def answer(self, images, questions, **kw):
         self.calls.append(("answer", len(questions), None))
@@ -53,7 +54,7 @@ class OracleShapes:
 
     def edit(self, images, instructions, seed=0, **kw):
         self.calls.append(("edit", len(instructions), seed))
-        return [S.render_scene(self.edits[(image_key(im), t)], self.resolution) for im, t in zip(images, instructions)]
+        return [W.render_scene(self.edits[(image_key(im), t)], self.resolution) for im, t in zip(images, instructions)]
 
 
 class WrongShapes(OracleShapes):
@@ -64,10 +65,10 @@ class WrongShapes(OracleShapes):
         out = []
         for p in prompts:
             spec = self.gen[p]
-            objs = [S.ObjectSpec(S.SHAPES[(S.SHAPES.index(o.shape) + 1) % 6],
-                                 list(S.COLORS)[(list(S.COLORS).index(o.color) + 1) % 8], o.size, o.cx, o.cy)
+            objs = [W.ObjectSpec(W.SHAPES[(W.SHAPES.index(o.shape) + 1) % 6],
+                                 list(W.COLORS)[(list(W.COLORS).index(o.color) + 1) % 8], o.size, o.cx, o.cy)
                     for o in spec.objects]
-            out.append(S.render_scene(spec.replace_objects(objs), self.resolution))
+            out.append(W.render_scene(spec.replace_objects(objs), self.resolution))
         return out
 
     def answer(self, images, questions, **kw):

@@ -15,6 +15,8 @@ from PIL import Image
 from cheers.eval import adapters as A
 from cheers.eval import shapes as S
 from cheers.eval.cli import add_eval_subcommands, run_eval
+from cheers.shapes import datasets as DS
+from cheers.shapes import samples as SM
 
 from .fakes import FixedAnswers, OracleShapes, SolidColors
 
@@ -36,17 +38,17 @@ def test_geneval_layout_with_official_metadata(tmp_path):
             with Image.open(folder / "samples" / f"{k:04d}.png") as im:
                 assert im.getpixel((0, 0)) == model.color(10 + 3 * i + k)  # seed + i * n_samples + k
         assert (folder / "grid.png").exists()
-    assert model.prompts[0] == "a photo of a bench" + S.GEN_SUFFIX and model.prompts[3].startswith("a photo of two")
+    assert model.prompts[0] == "a photo of a bench" + DS.GEN_SUFFIX and model.prompts[3].startswith("a photo of two")
 
 
 def test_geneval_round_trip_with_shapes_metadata(tmp_path):
     md = A.write_geneval_metadata(tmp_path / "meta.jsonl", seed=5, n=2)
     lines = [json.loads(x) for x in md.read_text().splitlines()]
-    assert len(lines) == 12 and {m["tag"] for m in lines} == set(S.GENERATION_CATEGORIES)
+    assert len(lines) == 12 and {m["tag"] for m in lines} == set(SM.GENERATION_CATEGORIES)
     out = A.geneval_write(OracleShapes(seed=5, n=2), md, tmp_path / "gen", n_samples=2, seed=0, grid=False)
     summary = A.geneval_score(out)
     assert summary["overall"] == 1.0 and summary["n_images"] == 24
-    assert set(summary["categories"]) == set(S.GENERATION_CATEGORIES)
+    assert set(summary["categories"]) == set(SM.GENERATION_CATEGORIES)
     assert len((out / "results.jsonl").read_text().splitlines()) == 24
 
 
@@ -63,7 +65,7 @@ def test_dpg_writes_a_2x2_grid_per_prompt(tmp_path):
     with Image.open(paths[1]) as im:  # second prompt in sorted order: seeds 104..107, row-major 2x2
         assert im.size == (48, 48)
         assert [im.getpixel((x, y)) for y in (5, 29) for x in (5, 29)] == [model.color(104 + k) for k in range(4)]
-    assert model.prompts[0] == "Two stars." + S.GEN_SUFFIX and len(model.prompts) == 12
+    assert model.prompts[0] == "Two stars." + DS.GEN_SUFFIX and len(model.prompts) == 12
 
 
 def _b64(im: Image.Image) -> str:

@@ -6,8 +6,8 @@ import json
 
 from PIL import Image
 
-from cheers.eval import shapes as S
 from cheers.eval.harness import evaluate_digits, evaluate_shapes, generation_sharpness, make_grid, model_resolution
+from cheers.shapes import samples as SM
 
 from .fakes import DigitOracle, OracleShapes, WrongShapes
 
@@ -18,17 +18,17 @@ def test_oracle_scores_perfectly(tmp_path, capsys):
     model = OracleShapes(seed=3, n=N, resolution=64)
     rep = evaluate_shapes(model, n=N, seed=3, out_dir=tmp_path / "run", batch_size=5)
     g, u, e = rep["generation"], rep["understanding"], rep["editing"]
-    assert set(g["categories"]) == set(S.GENERATION_CATEGORIES)
+    assert set(g["categories"]) == set(SM.GENERATION_CATEGORIES)
     assert all(v["score"] == 1.0 and v["n"] == N for v in g["categories"].values())
     assert g["overall"] == 1.0 and g["heldout_compositions"]["score"] == 1.0 and g["heldout_compositions"]["n"] >= N
     p = g["partial"]
     assert p["shape_present"] == p["colour_present"] == p["object_count"] == 1.0
     # one object per single_object / colors prompt, two for two_object / position / color_attr, 1-4 when counting
     assert 1.5 < p["recognised_objects_per_image"] < 3.0
-    assert set(u["types"]) == set(S.UNDERSTANDING_TYPES) | {"text"}
+    assert set(u["types"]) == set(SM.UNDERSTANDING_TYPES) | {"text"}
     assert all(v["accuracy"] == 1.0 for v in u["types"].values()) and u["overall"] == 1.0
     assert u["yesno"]["yes_ratio"] == 0.5 and u["yesno"]["f1"] == 1.0 and u["yesno"]["unparsed"] == 0
-    assert e["score"] == e["applied"] == e["preserved"] == 1.0 and set(e["kinds"]) == set(S.EDIT_KINDS)
+    assert e["score"] == e["applied"] == e["preserved"] == 1.0 and set(e["kinds"]) == set(SM.EDIT_KINDS)
     # batching: at most 5 per call, image seeds = seed + index of the first item of the batch
     gen_calls = [c for c in model.calls if c[0] == "generate_image"]
     assert [c[1] for c in gen_calls] == [5, 5, 5, 5, 4] and [c[2] for c in gen_calls] == [3, 8, 13, 18, 23]

@@ -3,7 +3,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from cheers.eval.sharpness import high_frequency_energy, sharpness_ratio
-from cheers.eval.shapes import eval_prompts, render_scene
+from cheers.eval.shapes import eval_prompts
+from cheers.shapes.world import render_scene
 
 
 def _renders(n=12):

@@ -31,7 +31,7 @@ NORM_RTOL = 1e-4
 
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
-    from cheers.train.synthetic import make_dataset, make_tokenizer
+    from cheers.shapes.smoke import make_dataset, make_tokenizer
 
     root = tmp_path_factory.mktemp("dist")
     files = make_dataset(root / "data", n_understanding=4, n_generation=4, n_edit=2, n_text=2)

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cheers.eval.shapes import HELDOUT_PAIRS, SceneSpec, make_sample, write_record
+from cheers.shapes.datasets import write_record
+from cheers.shapes.samples import make_sample
+from cheers.shapes.world import HELDOUT_PAIRS, SceneSpec
 
 
 def big_scene(scene: SceneSpec, rng: np.random.Generator, sizes: tuple[float, float] = (0.55, 0.8),

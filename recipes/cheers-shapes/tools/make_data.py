@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from cheers.eval.digits import make_digits_dataset
-from cheers.eval.shapes import EDIT_KINDS, GENERATION_CATEGORIES, TEXT_KIND, UNDERSTANDING_TYPES, make_dataset
+from cheers.shapes.datasets import make_dataset
+from cheers.shapes.samples import EDIT_KINDS, GENERATION_CATEGORIES, TEXT_KIND, UNDERSTANDING_TYPES
 from cheers.tokenizer import train_small_tokenizer
 
 

@@ -29,7 +29,9 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from cheers.eval.shapes import ObjectSpec, SceneSpec, _a, list_phrase, make_sample, write_record
+from cheers.shapes.datasets import write_record
+from cheers.shapes.samples import _a, list_phrase, make_sample
+from cheers.shapes.world import ObjectSpec, SceneSpec
 
 # Question types answerable from the description (captions are left out: the answer would be the description).
 KINDS = ("yesno", "mcq", "color", "count", "relation")

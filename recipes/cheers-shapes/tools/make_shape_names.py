@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from cheers.eval.shapes import IMAGE_PREFIX, SHAPES, SceneSpec, make_sample, write_record
+from cheers.shapes.datasets import IMAGE_PREFIX, write_record
+from cheers.shapes.samples import make_sample
+from cheers.shapes.world import SHAPES, SceneSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the size-ladder rungs come from a sibling script
 from make_big_objects import big_scene  # noqa: E402

@@ -14,8 +14,9 @@ import torch
 
 from cheers.checkpoint import load_model
 from cheers.eval.judge import detect, score_geneval
-from cheers.eval.shapes import eval_prompts, render_scene
+from cheers.eval.shapes import eval_prompts
 from cheers.processor import preprocess_generation
+from cheers.shapes.world import render_scene
 from cheers.train.ckpt import load_checkpoint_model, resolve_training_checkpoint
 
 

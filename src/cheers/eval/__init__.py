@@ -1,6 +1,7 @@
-"""Model-independent evaluation: ShapesWorld and Digits data generators, automatic judges, harness and adapters.
+"""Model-independent evaluation: the ShapesWorld and Digits benchmarks, automatic judges, harness and adapters.
 
-Submodules: `shapes` (scenes, renderer, datasets, eval items), `judge` (object detection and scoring), `digits`
-(real digits, their classifier), `harness` (evaluate_shapes / evaluate_digits), `adapters` (GenEval, DPG-Bench,
-MMBench writers) and `cli` (the `cheers eval` sub-commands).
+Submodules: `shapes` (ShapesWorld eval items; the world itself is `cheers.shapes`), `judge` (scoring of images and
+answers, over `detector` (object detection) and `answers` (answer normalisation)), `digits` (real digits, their
+classifier), `harness` (evaluate_shapes / evaluate_digits), `sharpness`, `adapters` (GenEval, DPG-Bench, MMBench
+writers) and `cli` (the `cheers eval` sub-commands).
 """

@@ -27,14 +27,15 @@ from typing import Any, Sequence
 from PIL import Image
 
 from cheers.eval import judge as J
-from cheers.eval import shapes as S
 from cheers.eval.harness import batched_answer, batched_generate
+from cheers.eval.shapes import eval_prompts
+from cheers.shapes.datasets import GEN_SUFFIX
+from cheers.shapes.samples import MCQ_SUFFIX
 
 __all__ = ["GEN_TEMPLATE", "MCQ_SUFFIX", "geneval_write", "geneval_score", "write_geneval_metadata", "dpg_write",
            "mcq_answer", "sample_grid", "read_mmbench_tsv"]
 
-GEN_TEMPLATE = "{prompt}" + S.GEN_SUFFIX  # the training format of ShapesWorld / the official t2i samples
-MCQ_SUFFIX = S.MCQ_SUFFIX
+GEN_TEMPLATE = "{prompt}" + GEN_SUFFIX  # the training format of ShapesWorld / the official t2i samples
 
 
 def sample_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
@@ -85,7 +86,7 @@ def write_geneval_metadata(path: str | os.PathLike, seed: int = 0, n: int = 10) 
     """ShapesWorld's eval generation prompts (`n` per category) as a GenEval `evaluation_metadata.jsonl`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    items = S.eval_prompts(seed, n, families=("generation",))["generation"]
+    items = eval_prompts(seed, n, families=("generation",))["generation"]
     with open(path, "w", encoding="utf-8") as f:
         for it in items:
             f.write(json.dumps(it.geneval) + "\n")

@@ -22,7 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from cheers.eval.shapes import GEN_ANSWER, GEN_SUFFIX, IMAGE_PREFIX, NUMBER_WORDS, SPLITS
+from cheers.shapes.datasets import GEN_ANSWER, GEN_SUFFIX, IMAGE_PREFIX
+from cheers.shapes.samples import SPLITS
+from cheers.shapes.world import NUMBER_WORDS
 
 __all__ = ["load_real_digits", "digit_split", "render_digit", "digit_features", "DigitJudge", "digit_judge",
            "make_digits_dataset", "digit_eval_items", "DigitGenItem", "DigitQAItem", "GEN_TEMPLATES",
@@ -129,7 +131,7 @@ def make_digits_dataset(out_dir: str | os.PathLike, seed: int = 0, split: str = 
                         meta: str = "inline", name: str | None = None) -> Path:
     """Write `out_dir/<name or 'digits_' + split>.jsonl` + PNGs: one generation and one understanding sample per
     real digit of the split (train digits for "train", held-out digits for "eval"), or the first `n_gen` /
-    `n_und` of a seeded permutation. `meta` as in `shapes.make_dataset`. Returns the jsonl path."""
+    `n_und` of a seeded permutation. `meta` as in `cheers.shapes.datasets.make_dataset`. Returns the jsonl path."""
     if meta not in ("inline", "sidecar", "none"):
         raise ValueError(f"meta must be inline, sidecar or none, got {meta!r}")
     x8, y = load_real_digits()

@@ -30,8 +30,10 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from cheers.eval import judge as J
-from cheers.eval import shapes as S
+from cheers.eval.shapes import eval_prompts
 from cheers.eval.sharpness import sharpness_ratio
+from cheers.shapes.samples import EDIT_KINDS, GENERATION_CATEGORIES, TEXT_KIND, UNDERSTANDING_TYPES
+from cheers.shapes.world import render_scene
 
 __all__ = ["evaluate_shapes", "evaluate_digits", "generation_sharpness", "make_grid", "model_resolution",
            "batched_generate", "batched_answer", "batched_edit", "format_shapes_table", "format_digits_table"]
@@ -188,7 +190,7 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
     out.mkdir(parents=True, exist_ok=True)
     res = resolution or model_resolution(model)
     fams = [f for f in ("generation", "understanding", "editing") if f in tasks]
-    items = S.eval_prompts(seed, n, res, families=tuple(fams) + (("text",) if "understanding" in tasks else ()))
+    items = eval_prompts(seed, n, res, families=tuple(fams) + (("text",) if "understanding" in tasks else ()))
     report: dict[str, Any] = {"benchmark": "shapesworld", "seed": seed, "n": n, "resolution": res}
     details: list[dict[str, Any]] = []
     timing: dict[str, float] = {}
@@ -217,7 +219,7 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
                             "heldout": g.heldout, "correct": r["correct"], "reason": r["reason"],
                             "detections": r["detections"]})
             captions.append(("OK " if r["correct"] else "X ") + g.prompt)
-        cats = {c: {"score": _mean(by_cat[c]), "n": len(by_cat[c])} for c in S.GENERATION_CATEGORIES if by_cat[c]}
+        cats = {c: {"score": _mean(by_cat[c]), "n": len(by_cat[c])} for c in GENERATION_CATEGORIES if by_cat[c]}
         report["generation"] = {
             "overall": _mean([v["score"] for v in cats.values()]), "categories": cats,
             "heldout_compositions": {"score": _mean(held[True]), "n": len(held[True])},
@@ -228,7 +230,7 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
                         "recognised_objects_per_image": _mean(partial["recognised"])},
         }
         order = [i for k in range(n) for i in range(k, len(gens), n)]  # one row per index, one column per category
-        make_grid([images[i] for i in order], [captions[i] for i in order], cols=len(S.GENERATION_CATEGORIES)) \
+        make_grid([images[i] for i in order], [captions[i] for i in order], cols=len(GENERATION_CATEGORIES)) \
             .save(out / "generation_grid.png")
         timing["generation"] = time.time() - t0
 
@@ -251,14 +253,14 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
             details.append({"family": "understanding", "id": q.id, "qtype": q.qtype, "subtype": q.subtype,
                             "question": q.question, "answer": q.answer, "prediction": p, "correct": ok})
         types = {t: {"accuracy": _mean(by_type[t]), "n": len(by_type[t])}
-                 for t in S.UNDERSTANDING_TYPES + (S.TEXT_KIND,) if by_type[t]}
+                 for t in UNDERSTANDING_TYPES + (TEXT_KIND,) if by_type[t]}
         report["understanding"] = {
             "overall": _mean([v["accuracy"] for v in types.values()]), "types": types,
             "subtypes": {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(by_sub.items())},
             "yesno": _yesno_stats(yn_truth, yn_pred),
         }
         per = max(1, min(4, n))
-        shown = [i for t in S.UNDERSTANDING_TYPES
+        shown = [i for t in UNDERSTANDING_TYPES
                  for i in [j for j, q in enumerate(qas) if q.qtype == t and q.image is not None][:per]]
         if shown:
             make_grid([qas[i].image for i in shown],
@@ -283,18 +285,18 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
                             "correct": r["correct"], "applied": r["applied"], "preserved": r["preserved"],
                             "detections": r["detections"]})
             tiles.append(_hstack([e.source_image, im.resize(e.source_image.size),
-                                  S.render_scene(e.target, e.source_image.width)]))
+                                  render_scene(e.target, e.source_image.width)]))
             caps.append(("OK " if r["correct"] else "X ") + e.instruction)
         kinds = {k: {"score": _mean([float(r["correct"]) for r in v]),
                      "applied": _mean([float(r["applied"]) for r in v]),
                      "preserved": _mean([float(r["preserved"]) for r in v]), "n": len(v)}
                  for k, v in by_kind.items()}
-        kinds = {k: kinds[k] for k in S.EDIT_KINDS if k in kinds}
+        kinds = {k: kinds[k] for k in EDIT_KINDS if k in kinds}
         report["editing"] = {"score": _mean([v["score"] for v in kinds.values()]),
                              "applied": _mean([v["applied"] for v in kinds.values()]),
                              "preserved": _mean([v["preserved"] for v in kinds.values()]), "kinds": kinds}
         per = max(1, min(4, n))
-        shown = [i for k in S.EDIT_KINDS for i in [j for j, e in enumerate(eds) if e.kind == k][:per]]
+        shown = [i for k in EDIT_KINDS for i in [j for j, e in enumerate(eds) if e.kind == k][:per]]
         if shown:  # source | model output | expected
             grid = make_grid([tiles[i] for i in shown], [caps[i] for i in shown], cols=per, cell=3 * 96,
                              caption_lines=2)
@@ -312,9 +314,9 @@ def evaluate_shapes(model: Any, n: int = 10, seed: int = 0, out_dir: str | os.Pa
 def generation_sharpness(out_dir: str | os.PathLike, n: int, seed: int, resolution: int) -> dict[str, float]:
     """`sharpness_ratio` of the pictures an `evaluate_shapes(..., n, seed)` run saved in out_dir/generation against
     real renders of scenes satisfying the same prompts."""
-    gens = S.eval_prompts(seed=seed, n=n, resolution=resolution, families=("generation",))["generation"]
+    gens = eval_prompts(seed=seed, n=n, resolution=resolution, families=("generation",))["generation"]
     made = [Image.open(Path(out_dir) / "generation" / f"{g.id}.png").convert("RGB") for g in gens]
-    return sharpness_ratio(made, [S.render_scene(g.spec, resolution) for g in gens])
+    return sharpness_ratio(made, [render_scene(g.spec, resolution) for g in gens])
 
 
 def format_shapes_table(report: dict[str, Any]) -> str:

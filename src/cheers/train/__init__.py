@@ -1,1 +1,2 @@
-"""Training of Cheers: the data pipeline (`cheers.train.data`) and the trainer."""
+"""Training of Cheers: the trainer (`cheers.train.engine`: one stage trainer per stage kind over the shared run
+loop of `cheers.train.run`) and its data pipeline (`cheers.train.data`, over `records`, `sources` and `feed`)."""

@@ -30,6 +30,9 @@ Conventions (golden e of the parity set, chat template "rae_qwen"):
 * CFG dropout (spec §D.2): in samples with an image to generate, with probability `cfg_dropout` every input id
   except -300, -200, `<im_start>` and `<im_end>` becomes `<no_mean>`; labels unchanged.
 
+Records and their validation are `cheers.train.records`, the sources `cheers.train.sources`; this module turns
+records into samples and batches, and re-exports the names of the whole pipeline.
+
 Bad data never passes silently: every problem is a `DataError("file:line: cause")`. With
 `on_bad_sample="skip"` the sample is logged (logger `cheers.data`) and counted (`SampleStream.skipped`) instead.
 Samples longer than `max_length` after image expansion are bad samples too (never truncated).
@@ -40,11 +43,7 @@ resuming from a state dict reproduces exactly the samples an uninterrupted run w
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +61,13 @@ from cheers.processor import (
     preprocess_generation,
     preprocess_understanding,
 )
+from cheers.train.records import DataError, ParsedRecord, Record, check_turns, parse_record
+from cheers.train.sources import JsonlSource, MixedSource
 
 __all__ = [
     "DataError",
     "Record",
+    "ParsedRecord",
     "Sample",
     "JsonlSource",
     "MixedSource",
@@ -84,395 +86,11 @@ logger = logging.getLogger("cheers.data")
 T_MIN, T_MAX = 1e-6, 1.0 - 1e-6
 T_SAMPLINGS = ("uniform", "logit_normal")
 BAD_SAMPLE_POLICIES = ("error", "skip")
-_RECORD_KEYS = ("id", "image", "conversations")
-_TURN_KEYS = ("from", "value")
-_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-
-
-class DataError(ValueError):
-    """A data problem, reported as `where: cause` (where = `file:line` for records of a jsonl file)."""
-
-    def __init__(self, where: str, cause: str):
-        self.where = where
-        self.cause = cause
-        super().__init__(f"{where}: {cause}")
-
-
-# ---- records and sources ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Record:
-    """One raw line of a jsonl file and where it came from."""
-
-    raw: bytes
-    where: str  # "path:line"
-    data_root: Path
-    source: str = ""  # name given by a MixedSource
 
 
 def _seed_int(*parts: int) -> int:
     """A 63-bit seed derived from integers (stable across processes and platforms)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-class JsonlSource:
-    """Records of one jsonl file, looped over epochs, optionally shuffled and sharded over ranks.
-
-    Lines are read one at a time, never the whole file. Blank lines are not records (line numbers still count them).
-
-    * `shuffle=True`: a first pass stores the byte offset and line number of every record (8 + 8 bytes each);
-      each epoch visits them in the order `np.random.default_rng([seed, epoch]).permutation(n)`, rank `r` of
-      `world_size` taking positions r, r + world_size, ... of that order. State: (epoch, position).
-    * `shuffle=False`: plain streaming in file order, rank `r` taking records r, r + world_size, ...
-      State: (epoch, byte offset, line number, records seen).
-
-    `loop=False` stops after one epoch. Use one iterator at a time (`iter(source)` is the source itself).
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        data_root: str | Path | None = None,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        loop: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(str(self.path), "no such data file")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        self.data_root = Path(data_root) if data_root is not None else self.path.parent
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.loop = bool(loop)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self._epoch = 0
-        self._pos = 0  # shuffle: positions of this epoch's order already consumed
-        self._offset = 0  # stream: byte offset of the next line
-        self._line = 0  # stream: lines consumed this epoch
-        self._seen = 0  # stream: records (non-blank lines) seen this epoch
-        self._yielded = 0  # records returned this epoch (both modes)
-        self._fh = None
-        self._index: tuple[array, array] | None = None
-        self._order: np.ndarray | None = None
-        self._order_epoch = -1
-
-    # -- helpers
-    def _file(self):
-        if self._fh is None or self._fh.closed:
-            self._fh = open(self.path, "rb")
-        return self._fh
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def __del__(self):  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def _build_index(self) -> tuple[array, array]:
-        if self._index is None:
-            offsets, lines = array("q"), array("q")
-            off = 0
-            with open(self.path, "rb") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        offsets.append(off)
-                        lines.append(lineno)
-                    off += len(line)
-            self._index = (offsets, lines)
-        return self._index
-
-    @property
-    def num_records(self) -> int:
-        """Records in the file (all ranks)."""
-        return len(self._build_index()[0])
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self._epoch:
-            n = self.num_records
-            perm = np.random.default_rng([self.seed, self._epoch]).permutation(n)
-            self._order = perm[self.rank :: self.world_size]
-            self._order_epoch = self._epoch
-        assert self._order is not None
-        return self._order
-
-    def _next_epoch(self) -> None:
-        if self._yielded == 0:
-            who = f" for rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
-            raise DataError(str(self.path), f"contains no records{who}")
-        self._epoch += 1
-        self._pos = self._offset = self._line = self._seen = self._yielded = 0
-
-    # -- iteration
-    def __iter__(self) -> "JsonlSource":
-        return self
-
-    def __next__(self) -> Record:
-        return self._next_shuffled() if self.shuffle else self._next_streamed()
-
-    def _next_shuffled(self) -> Record:
-        offsets, lines = self._build_index()
-        while True:
-            order = self._epoch_order()
-            if self._pos < len(order):
-                j = int(order[self._pos])
-                self._pos += 1
-                self._yielded += 1
-                f = self._file()
-                f.seek(offsets[j])
-                return Record(f.readline(), f"{self.path}:{lines[j]}", self.data_root)
-            if not self.loop:
-                raise StopIteration
-            self._next_epoch()
-
-    def _next_streamed(self) -> Record:
-        f = self._file()
-        while True:
-            f.seek(self._offset)
-            line = f.readline()
-            if not line:
-                if not self.loop:
-                    raise StopIteration
-                self._next_epoch()
-                continue
-            self._offset += len(line)
-            self._line += 1
-            if not line.strip():
-                continue
-            k = self._seen
-            self._seen += 1
-            if k % self.world_size != self.rank:
-                continue
-            self._yielded += 1
-            return Record(line, f"{self.path}:{self._line}", self.data_root)
-
-    # -- state
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "jsonl",
-            "path": str(self.path),
-            "file_size": self.path.stat().st_size,
-            "shuffle": self.shuffle,
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "epoch": self._epoch,
-            "pos": self._pos,
-            "offset": self._offset,
-            "line": self._line,
-            "seen": self._seen,
-            "yielded": self._yielded,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("kind") != "jsonl":
-            raise ValueError(f"not a JsonlSource state: kind={state.get('kind')!r}")
-        for key in ("shuffle", "seed", "rank", "world_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"{self.path}: state was saved with {key}={state[key]!r}, source has {getattr(self, key)!r}")
-        size = self.path.stat().st_size
-        if state["file_size"] != size:
-            raise ValueError(f"{self.path}: file changed since the state was saved ({state['file_size']} -> {size} bytes)")
-        self._epoch = int(state["epoch"])
-        self._pos = int(state["pos"])
-        self._offset = int(state["offset"])
-        self._line = int(state["line"])
-        self._seen = int(state["seen"])
-        self._yielded = int(state["yielded"])
-
-
-class MixedSource:
-    """Draws records from several sources with fixed probabilities (e.g. 3:6:1 understanding : generation : text).
-
-    Draw k picks a source with the uniform number `np.random.default_rng([seed, k]).random()` against the
-    normalised cumulative weights, so the sequence of choices depends only on the seed and k. A source that is
-    exhausted (`loop=False`) leaves the mix; the mix ends when all are exhausted. Returned records carry the
-    source name in `Record.source`. `counts` tells how many records each source gave.
-    """
-
-    def __init__(self, sources: Mapping[str, tuple[Any, float]], seed: int = 0):
-        if not sources:
-            raise ValueError("MixedSource needs at least one source")
-        self.names = list(sources)
-        self.sources = []
-        weights = []
-        for name, pair in sources.items():
-            try:
-                src, w = pair
-            except (TypeError, ValueError):
-                raise ValueError(f"source '{name}': expected (source, weight), got {pair!r}") from None
-            w = float(w)
-            if not math.isfinite(w) or w <= 0:
-                raise ValueError(f"source '{name}': weight must be a positive number, got {w}")
-            self.sources.append(src)
-            weights.append(w)
-        self.weights = np.asarray(weights, dtype=np.float64)
-        self.seed = int(seed)
-        self._draws = 0
-        self._exhausted: set[str] = set()
-        self.counts = {n: 0 for n in self.names}
-
-    def __iter__(self) -> "MixedSource":
-        return self
-
-    def __next__(self) -> Any:
-        while True:
-            live = [i for i, n in enumerate(self.names) if n not in self._exhausted]
-            if not live:
-                raise StopIteration
-            u = np.random.default_rng([self.seed, self._draws]).random()
-            self._draws += 1
-            cum = np.cumsum(self.weights[live])
-            pick = live[min(int(np.searchsorted(cum / cum[-1], u, side="right")), len(live) - 1)]
-            name = self.names[pick]
-            try:
-                rec = next(self.sources[pick])
-            except StopIteration:
-                self._exhausted.add(name)
-                continue
-            self.counts[name] += 1
-            if isinstance(rec, Record):
-                rec = dataclasses.replace(rec, source=f"{name}/{rec.source}" if rec.source else name)
-            return rec
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "mixed",
-            "seed": self.seed,
-            "names": list(self.names),
-            "draws": self._draws,
-            "exhausted": sorted(self._exhausted),
-            "counts": dict(self.counts),
-            "sources": {n: s.state_dict() for n, s in zip(self.names, self.sources)},
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any], allow_new: bool = False) -> None:
-        """`allow_new`: sources of this mix absent from `state` start fresh (the saved ones must all be here)."""
-        if state.get("kind") != "mixed":
-            raise ValueError(f"not a MixedSource state: kind={state.get('kind')!r}")
-        saved = list(state["names"])
-        same = saved == self.names or (allow_new and all(n in self.names for n in saved))
-        if not same or state["seed"] != self.seed:
-            raise ValueError(
-                f"MixedSource state was saved for sources {state['names']} seed {state['seed']}, "
-                f"this mix has {self.names} seed {self.seed}"
-            )
-        self._draws = int(state["draws"])
-        self._exhausted = set(state["exhausted"])
-        self.counts = {n: int(state["counts"].get(n, 0)) for n in self.names}
-        for n, s in zip(self.names, self.sources):
-            if n in saved:
-                s.load_state_dict(state["sources"][n])
-
-
-# ---- parsing and validation -------------------------------------------------------------------------------------
-
-
-@dataclass
-class ParsedRecord:
-    id: str
-    turns: list[tuple[str, str]]  # (role in {"system", "user", "assistant"}, raw value)
-    images: list[Path]
-    where: str
-
-
-def _check_turns(conversations: Any) -> list[tuple[str, str]]:
-    """Validate a conversation; returns (role, value) pairs. Raises ValueError(cause)."""
-    if not isinstance(conversations, list) or not conversations:
-        raise ValueError("'conversations' must be a non-empty list of turns")
-    turns = []
-    for k, turn in enumerate(conversations):
-        if not isinstance(turn, Mapping):
-            raise ValueError(f"turn {k} is a {type(turn).__name__}, expected an object with 'from' and 'value'")
-        if "role" in turn and "from" not in turn:  # also accept the {"role", "content"} message form
-            role, value = turn.get("role"), turn.get("content")
-            role = {"user": "human", "assistant": "gpt"}.get(role, role)
-            extra = set(turn) - {"role", "content"}
-        else:
-            role, value = turn.get("from"), turn.get("value")
-            extra = set(turn) - set(_TURN_KEYS)
-        if extra:
-            raise ValueError(f"turn {k} has unknown key(s) {sorted(extra)}; expected 'from' and 'value'")
-        if role is None or value is None:
-            raise ValueError(f"turn {k} lacks 'from' or 'value'")
-        if not isinstance(role, str) or role not in _ROLES:
-            raise ValueError(f"turn {k} has unknown role {role!r}; expected 'human' or 'gpt'")
-        if not isinstance(value, str):
-            raise ValueError(f"turn {k} 'value' must be a string, got {type(value).__name__}")
-        turns.append((role, value))
-    start = 1 if turns[0][0] == "system" else 0
-    body = turns[start:]
-    for k, (role, _) in enumerate(body):
-        want = "human" if k % 2 == 0 else "gpt"
-        if role != want:
-            if k == 0:
-                raise ValueError(f"conversation must start with a human turn, turn {k + start} is '{role}'")
-            raise ValueError(f"roles must alternate human/gpt: turn {k + start} is '{role}', expected '{want}'")
-    if not body or body[-1][0] != "gpt":
-        raise ValueError("conversation must end with a gpt turn (nothing to learn otherwise)")
-    return [(_ROLES[r], v) for r, v in turns]
-
-
-def _image_paths(value: Any, data_root: Path) -> list[Path]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",")] if value.strip() else []
-    elif isinstance(value, list):
-        parts = value
-    else:
-        raise ValueError(f"'image' must be a path, a 'src, tgt' string or a list of paths, got {type(value).__name__}")
-    out = []
-    for k, p in enumerate(parts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"image path {k} is {p!r}, expected a non-empty string")
-        path = Path(p.strip()).expanduser()
-        out.append(path if path.is_absolute() else data_root / path)
-    return out
-
-
-def parse_record(record: Record) -> ParsedRecord:
-    """Decode and validate one jsonl line. Raises `DataError(file:line, cause)`."""
-    where = record.where
-    try:
-        text = record.raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(where, f"line is not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    text = text.lstrip("\ufeff")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(where, f"malformed JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(obj, dict):
-        raise DataError(where, f"record must be a JSON object, got {type(obj).__name__}")
-    extra = set(obj) - set(_RECORD_KEYS)
-    if extra:
-        raise DataError(where, f"unknown key(s) {sorted(extra)}; allowed: {', '.join(_RECORD_KEYS)}")
-    if "conversations" not in obj:
-        raise DataError(where, "missing 'conversations'")
-    rid = obj.get("id", "")
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        raise DataError(where, f"'id' must be a string or an integer, got {type(rid).__name__}")
-    try:
-        turns = _check_turns(obj["conversations"])
-        images = _image_paths(obj.get("image"), record.data_root)
-    except ValueError as err:
-        raise DataError(where, str(err)) from None
-    return ParsedRecord(id=str(rid), turns=turns, images=images, where=where)
 
 
 # ---- tokenization and labels --------------------------------------------------------------------------------------
@@ -495,7 +113,7 @@ def encode_conversation(
     `tokenizer` is a `CheersTokenizer` (its `token_ids` decide every special id).
     """
     try:
-        turns = _check_turns(list(conversations))
+        turns = check_turns(list(conversations))
     except ValueError as err:
         raise DataError(where, str(err)) from None
     return _encode_turns(turns, tokenizer, system_prompt)

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cheers.train.data import JsonlSource, MixedSource, Record
+from cheers.train.records import Record
 from cheers.train.settings import DataSection, TrainConfigError
+from cheers.train.sources import JsonlSource, MixedSource
 
 
 def seed_int(*parts: int) -> int:

@@ -111,17 +111,3 @@ class MetricLogger:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a run log (tolerates a torn last line from a killed process)."""
-    out = []
-    p = Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out

@@ -119,9 +119,6 @@ class LRSchedule:
             g["lr"] = lr
         return lr
 
-    def advance(self) -> None:
-        self.step_count += 1
-
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "kind": self.kind, "base_lr": self.base_lr, "total": self.total,
                 "warmup": self.warmup, "min_lr_ratio": self.min_ratio, "decay": self.decay}

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+STAGE_KINDS = ("flow", "vae", "vision")  # each has its trainer in cheers.train.engine.TRAINERS
 
 
 class TrainConfigError(ValueError):
@@ -229,7 +230,7 @@ class TrainConfig:
             if value not in allowed:
                 problems.append(f"{key}: '{value}' is not one of {', '.join(allowed)}")
 
-        one_of("kind", self.kind, ("flow", "vae", "vision"))
+        one_of("kind", self.kind, STAGE_KINDS)
         one_of("nan_policy", self.nan_policy, ("error", "skip"))
         one_of("device", self.device, ("auto", "cpu", "cuda"))
         one_of("schedule.kind", self.schedule.kind, ("constant", "cosine", "wsd"))

@@ -31,16 +31,12 @@ import torch
 from torch import nn
 
 from cheers.model.vae import patchify
+from cheers.processor import ImageError, load_image, preprocess_generation
+from cheers.train.data import DataError, parse_record
 from cheers.train.distributed import all_reduce_sum, wrap_plain
-from cheers.train.engine import (
-    RunBase,
-    _grad_sync_context,
-    build_model,
-    load_tokenizer,
-    set_activation_checkpointing,
-)
 from cheers.train.feed import RecordFeed, slot_range
 from cheers.train.optim import select_trainable
+from cheers.train.run import RunBase, build_model, grad_sync_context, load_tokenizer, set_activation_checkpointing
 from cheers.train.settings import TrainConfig, TrainConfigError
 
 
@@ -68,8 +64,6 @@ class ImageFeed:
         self.bad_records = 0
 
     def take(self, n: int) -> list[tuple[int, str]]:
-        from cheers.train.data import DataError, parse_record
-
         guard = 0
         while len(self.queue) < n:
             (_, rec), = self.records.take(1)
@@ -122,8 +116,6 @@ class VAETrainer(RunBase):
         self._start(origin)
 
     def _picture(self, path: str) -> torch.Tensor | None:
-        from cheers.processor import ImageError, load_image, preprocess_generation
-
         try:
             return preprocess_generation(load_image(path), self.resolution)
         except (ImageError, OSError) as err:
@@ -164,7 +156,7 @@ class VAETrainer(RunBase):
         device = self.info.device
         for k, (batch, weight) in enumerate(micro):
             batch = batch.to(device)
-            with _grad_sync_context(self.ae, k == len(micro) - 1):
+            with grad_sync_context(self.ae, k == len(micro) - 1):
                 l1, mse, reg = self.ae(batch)
                 rec = {"l1": l1, "mse": mse, "l1+mse": l1 + mse}[cfg.vae.loss]
                 loss = (rec / pix_elems + cfg.vae.latent_reg * reg / lat_elems) * info.world_size * weight

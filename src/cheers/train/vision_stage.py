@@ -32,11 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cheers import constants as C
+from cheers.processor import ImageError, load_image, preprocess_understanding
 from cheers.train import ckpt as ckpt_io
-from cheers.train.engine import RunBase, build_model, load_tokenizer
+from cheers.train.data import DataError, parse_record
 from cheers.train.feed import RecordFeed
 from cheers.train.optim import select_trainable
+from cheers.train.run import RunBase, build_model, load_tokenizer
 from cheers.train.settings import TrainConfig, TrainConfigError
+
 
 def pair_text(turns: list[tuple[str, str]], min_words: int = 2) -> str:
     """The text that describes a record's picture: its non-system turns that hold no image tag, joined, with the
@@ -145,9 +148,6 @@ class VisionTrainer(RunBase):
         self._start(origin, text_tower_params=sum(p.numel() for p in tower.parameters()))
 
     def _pair(self, record: Any) -> tuple[torch.Tensor, str] | None:
-        from cheers.processor import ImageError, load_image, preprocess_understanding
-        from cheers.train.data import DataError, parse_record
-
         try:
             parsed = parse_record(record)
             text = pair_text(parsed.turns, self.cfg.vision.min_text_words)

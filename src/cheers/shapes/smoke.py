@@ -1,8 +1,11 @@
-"""A small synthetic dataset in the official jsonl format (tests, smoke runs, benchmarks).
+"""The smoke corpus: a few ShapesWorld records in the official jsonl format, for the trainer's tests, smoke runs
+and benchmarks.
 
-Pictures are coloured shapes on a plain background drawn with PIL; captions describe them, so understanding,
-generation, editing and text-only records are consistent with their images. Everything is a pure function of the
-seed.
+Every picture is one shape (captioned "disk", "box" or "triangle": a ShapesWorld circle, square or triangle)
+filling the middle 60 % of a canvas of one of several aspect ratios, so the data pipeline's resizing and cropping
+are exercised. It is drawn flat (no supersampling) in the corpus's own `LOOK`, which fixes its pixels. Captions
+describe the pictures, so understanding, generation, editing and text-only records are consistent with their
+images. Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -12,11 +15,23 @@ import os
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
-           "white": (240, 240, 240), "purple": (150, 60, 170)}
-SHAPES = ("disk", "box", "triangle")
+from cheers.shapes.world import Look, ObjectSpec, SceneSpec, render_scene
+from cheers.tokenizer import CheersTokenizer, train_small_tokenizer
+
+WORDS = {"disk": "circle", "box": "square", "triangle": "triangle"}  # caption word -> ShapesWorld shape
+SHAPES = tuple(WORDS)
+COLOURS = ("red", "green", "blue", "yellow", "white", "purple")
+_APEX = 0.35 / 0.6  # the triangle's corners sit at 15 % and 85 % of the canvas
+LOOK = Look(
+    colors={"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+            "white": (240, 240, 240), "purple": (150, 60, 170)},
+    backgrounds={"black": (20, 20, 20)},
+    outlines={"square": np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]),
+              "triangle": np.array([[0.0, -_APEX], [_APEX, _APEX], [-_APEX, _APEX]])},
+)
 TEXT_QA = [
     ("What is two plus two?", "Two plus two is four."),
     ("Name a primary colour.", "Red is a primary colour."),
@@ -26,18 +41,12 @@ TEXT_QA = [
 ]
 
 
-def draw(shape: str, colour: str, background: str, size: tuple[int, int]) -> Image.Image:
-    img = Image.new("RGB", size, COLOURS[background] if background in COLOURS else (20, 20, 20))
-    d = ImageDraw.Draw(img)
-    w, h = size
-    box = (w * 0.2, h * 0.2, w * 0.8, h * 0.8)
-    if shape == "disk":
-        d.ellipse(box, fill=COLOURS[colour])
-    elif shape == "box":
-        d.rectangle(box, fill=COLOURS[colour])
-    else:
-        d.polygon([(w * 0.5, h * 0.15), (w * 0.85, h * 0.85), (w * 0.15, h * 0.85)], fill=COLOURS[colour])
-    return img
+def draw(shape: str, colour: str, size: tuple[int, int]) -> Image.Image:
+    """A `shape` (a caption word of SHAPES) of `colour` on black, on a canvas of `size` = (width, height)."""
+    if shape not in WORDS:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    spec = SceneSpec((ObjectSpec(WORDS[shape], colour, 0.6, 0.5, 0.5),), "black")
+    return render_scene(spec, size, supersample=1, look=LOOK)
 
 
 def make_dataset(directory: str | os.PathLike, n_understanding: int = 6, n_generation: int = 6, n_edit: int = 2,
@@ -53,7 +62,7 @@ def make_dataset(directory: str | os.PathLike, n_understanding: int = 6, n_gener
 
     def picture(name: str, shape: str, colour: str) -> str:
         size = sizes[rng.randrange(len(sizes))]
-        draw(shape, colour, "black", size).save(root / "images" / name)
+        draw(shape, colour, size).save(root / "images" / name)
         return f"images/{name}"
 
     for i in range(n_understanding):
@@ -102,7 +111,7 @@ def make_dataset(directory: str | os.PathLike, n_understanding: int = 6, n_gener
 
 
 def corpus() -> list[str]:
-    """Texts to train a small tokenizer that covers the synthetic records and the chat template."""
+    """Texts to train a small tokenizer that covers the corpus's records and the chat template."""
     texts = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
              "<|im_end|>\n<|im_start|>assistant\n", "Based on the above description, generate an image.",
              "What is this?"]
@@ -114,7 +123,6 @@ def corpus() -> list[str]:
     return texts * 4
 
 
-def make_tokenizer(directory: str | os.PathLike, vocab_size: int = 400):
-    from cheers.tokenizer import train_small_tokenizer
-
+def make_tokenizer(directory: str | os.PathLike, vocab_size: int = 400) -> CheersTokenizer:
+    """A small BPE tokenizer trained on `corpus()`, saved under `directory`."""
     return train_small_tokenizer(corpus(), vocab_size=vocab_size, out_dir=directory)
