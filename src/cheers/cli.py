@@ -25,6 +25,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the language model and output head: ~2x faster text decoding of small "
                         "models after a one-time compile of ~30 s (cached on disk); needs a C++ compiler on CPU")
+    p.add_argument("--quantize", default=None, metavar="MODE[:PATTERNS]",
+                   help="quantize the linear layers as they load: int8 (int8 weights and activations; CPU, GPU), "
+                        "int8-weight (weights only), int4-weight and fp8 (CUDA); PATTERNS (comma-separated module "
+                        "globs, !GLOB excludes) narrow it, e.g. int8:model.language_model.*; a quantized checkpoint "
+                        "loads as stored (see docs/quantization.md)")
 
 
 def _add_image_opts(p: argparse.ArgumentParser) -> None:
@@ -70,7 +75,7 @@ def _load(a: argparse.Namespace):
     from cheers.pipeline import Cheers
 
     return Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype),
-                                  compile=getattr(a, "compile", False))
+                                  compile=getattr(a, "compile", False), quantize=getattr(a, "quantize", None))
 
 
 def _save_images(images, output: str, prefix: str) -> list[str]:
@@ -178,10 +183,17 @@ def cmd_info(a: argparse.Namespace) -> int:
     from cheers.model.cheers import CheersModel
 
     if a.model and not Path(a.model).exists():
+        from cheers import quantize as Q
         from cheers.pipeline import describe
 
-        with torch.device("meta"):  # a preset: count parameters without allocating them
+        spec = Q.parse_spec(a.quantize)
+        if spec is not None:
+            Q.check_device(spec.mode, a.device)
+        with torch.device("meta"):  # a preset: count parameters (and bytes) without allocating them
             model = CheersModel(preset(a.model))
+        if spec is not None:
+            Q.prepare_meta(model, Q.record(spec, Q.targets(model, spec)))
+            model.config.quantization = Q.record(spec, Q.names_of(model))
         data = describe(model, f"preset:{a.model}")
     else:
         data = _load(a).info()
@@ -193,6 +205,12 @@ def cmd_info(a: argparse.Namespace) -> int:
     print("parameters:")
     for k, v in data["parameters"].items():
         print(f"  {k:<26} {v:>15,}")
+    from cheers.quantize import human_bytes
+
+    print(f"memory ({data['quantization'] or 'not quantized'}; bits = stored bits per parameter, scales included):")
+    for k, v in data["memory"].items():
+        print(f"  {k:<26} {human_bytes(v['bytes']):>12} {v['bits']:>6.2f} bits  {v['quantized_linears']:>4} quantized "
+              "linear layers")
     return 0
 
 

@@ -126,6 +126,8 @@ class CheersConfig:
     flow_loss_weight: float = 1.0
     name: str = "custom"
     torch_dtype: str = "float32"  # the stored weights' dtype (config.json `torch_dtype`); "auto" loads in it on GPU
+    # config.json `quantization_config` of a quantized checkpoint (cheers.quantize.record), else None
+    quantization: dict[str, Any] | None = None
 
     # ---- derived geometry -------------------------------------------------------------------------------------
     @property
@@ -244,6 +246,7 @@ class CheersConfig:
                 "tokens": dataclasses.asdict(self.tokens),
                 "flow_loss_weight": self.flow_loss_weight,
             },
+            **({"quantization_config": self.quantization} if self.quantization else {}),
         }
 
     @classmethod
@@ -323,6 +326,7 @@ class CheersConfig:
             flow_loss_weight=float(extra.get("flow_loss_weight", 1.0)),
             name=str(extra.get("name", "from-config")),
             torch_dtype=stored,
+            quantization=hf.get("quantization_config"),  # checked by cheers.quantize before weights are read
         )
         try:
             return cfg.validate()

@@ -39,6 +39,9 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype; bf16/fp16 run through autocast on GPU only (default: float32)")
+    p.add_argument("--quantize", default=None, metavar="MODE[:PATTERNS]",
+                   help="quantize the linear layers as they load: int8, int8-weight (CPU and GPU), int4-weight, fp8 "
+                        "(CUDA); a quantized checkpoint loads as stored (see docs/quantization.md)")
     p.add_argument("--host", default=d.host, help=f"address to bind (default: {d.host}, this machine only)")
     p.add_argument("--port", type=int, default=d.port, help=f"port (default: {d.port})")
     p.add_argument("--api-key", default=None,
@@ -101,7 +104,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    model = Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype))
+    model = Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype), quantize=a.quantize)
     if settings.warmup:
         warm_up(model)
     name = settings.model_name or default_model_name(model)
