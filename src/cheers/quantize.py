@@ -1,10 +1,11 @@
 """Quantized inference: the linear layers of the LLM, the ViT, the projectors and the flow head in fewer bits.
 
 Modes (`MODES`):
-- `int8`: int8 weights (symmetric, one scale per output row) and, for matmuls over many rows (prefill, text-to-image),
-  int8 activations quantized per token on the fly; a few rows (one-token decoding) multiply the float activations
-  with the int8 weights directly (weight-only), the faster kernel at that shape on CPUs (docs/quantization.md).
-- `int8-weight`: the same stored weights, always weight-only (float activations).
+- `int8`: int8 weights (symmetric, one scale per output row) and int8 activations quantized per token on the fly,
+  multiplied with int32 accumulation (`torch._int_mm`): on the CPUs measured (docs/quantization.md) the fastest
+  kernel that reads the plain int8 weights, both for many rows (prefill, text-to-image) and for one (decoding).
+- `int8-weight`: the same stored weights; the activations stay float (the weights are widened per matmul), for
+  the smallest error at int8 memory.
 - `int4-weight` (CUDA): 4-bit weights in groups of `INT4_GROUP` along the input, a scale and an offset per group.
 - `fp8` (CUDA, compute capability >= 8.9): float8 e4m3 weights and per-token float8 activations.
 
@@ -42,9 +43,11 @@ DEFAULT_EXCLUDE = ("lm_head", "model.vae_model.*", "model.vae_decoder_projector.
 # Too small to gain: fewer bytes than this in float32 stay float (also keeps the 1-wide gate output float).
 MIN_FEATURES = 16
 
-# Rows at or above which `int8` quantizes the activations (the prefill kernel); below it the weight-only kernel
-# runs. From benchmarks/quant_kernels.py on a 2-core AVX-512 VNNI CPU (see docs/quantization.md).
-DYNAMIC_MIN_ROWS = 16
+# Rows at or above which `int8` quantizes the activations; below it the weight-only kernel runs. One: on the
+# 2-core AVX-512 VNNI CPU measured, `_int_mm` also beat every weight-only kernel at one row (docs/quantization.md).
+# fp8 needs 16 rows for its GPU kernel.
+DYNAMIC_MIN_ROWS = 1
+FP8_MIN_ROWS = 16
 
 
 class QuantizationError(ValueError):
@@ -160,9 +163,8 @@ def _int8_dynamic(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 def _int8_weight_only(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[M, K] float x int8 [N, K] (float activations) -> [M, N]."""
-    if x.device.type == "cpu":
-        return torch._weight_int8pack_mm(x, w, scale.to(x.dtype))
+    """[M, K] float x int8 [N, K] (float activations) -> [M, N]. The weight is widened for the matmul: on the CPU
+    measured, `torch._weight_int8pack_mm` (the fused weight-only kernel) was 3-40x slower than this."""
     return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
 
 
@@ -227,7 +229,7 @@ class QuantLinear(nn.Module):
             y = _int8_dynamic(x2, self.weight, self.weight_scale)
         elif self.mode in ("int8", "int8-weight"):
             y = _int8_weight_only(x2, self.weight, self.weight_scale)
-        elif self.mode == "fp8" and rows >= DYNAMIC_MIN_ROWS:
+        elif self.mode == "fp8" and rows >= FP8_MIN_ROWS:
             y = _fp8_dynamic(x2, self.weight, self.weight_scale)
         else:  # fp8 at a few rows and int4: dequantize on the fly (weights stay small in memory)
             y = F.linear(x2, self.dequantized(x2.dtype))

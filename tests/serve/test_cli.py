@@ -49,3 +49,15 @@ def test_registering_the_subcommand_loads_neither_torch_nor_fastapi():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]"
+
+
+def test_quantize_option_reaches_the_served_model(monkeypatch):
+    import cheers.serve.cli as serve_cli
+    from cheers.quantize import mode_of
+
+    served = {}
+    monkeypatch.setattr(serve_cli, "serve", lambda model, settings: served.update(model=model))
+    assert serve_cli.cmd_serve(_parse("--model", "cheers-tiny", "--quantize", "int8-weight", "--no-warmup")) == 0
+    assert mode_of(served["model"].model) == "int8-weight"
+    with pytest.raises(ValueError, match="quantize mode 'int9' is unknown"):
+        serve_cli.cmd_serve(_parse("--model", "cheers-tiny", "--quantize", "int9", "--no-warmup"))
