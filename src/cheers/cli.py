@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from cheers.adapters import add_merge_adapter_subcommand
 from cheers.demo import add_demo_subcommand
 from cheers.eval.cli import add_eval_subcommands
 from cheers.samplers import SAMPLERS
@@ -19,6 +20,7 @@ MODEL_HELP = "model directory (official format + tokenizer) or preset name; defa
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter to apply (directory or Hub repo id)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype; bf16/fp16 run through autocast on GPU only (default: float32)")
@@ -70,7 +72,7 @@ def _load(a: argparse.Namespace):
     from cheers.pipeline import Cheers
 
     return Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype),
-                                  compile=getattr(a, "compile", False))
+                                  compile=getattr(a, "compile", False), adapter=getattr(a, "adapter", None))
 
 
 def _save_images(images, output: str, prefix: str) -> list[str]:
@@ -245,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_subcommand(sub)
     add_eval_subcommands(sub)
     add_serve_subcommand(sub)
+    add_merge_adapter_subcommand(sub)
     return p
 
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from cheers import sampling as S
+from cheers.adapters import PipelineAdapters
 from cheers.checkpoint import CheckpointError, load_model, save_model
 from cheers.config import PRESETS, WEIGHT_DTYPES, CheersConfig, preset
 from cheers.decoding import OutputHead
@@ -94,8 +95,8 @@ def resolve_dtype(dtype: DType, device: torch.device, stored: str = "float32") -
     return getattr(torch, name)
 
 
-class Cheers:
-    """A loaded Cheers model with its tokenizer, ready for the four tasks."""
+class Cheers(PipelineAdapters):
+    """A loaded Cheers model with its tokenizer, ready for the four tasks (LoRA adapters: `PipelineAdapters`)."""
 
     def __init__(self, model: CheersModel, tokenizer: CheersTokenizer | None, device: str | torch.device = "cpu",
                  dtype: DType = None, image_defaults: ImageDefaults | None = None,
@@ -124,7 +125,8 @@ class Cheers:
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                         dtype: DType = "auto", tokenizer: str | os.PathLike | None = None, compile: bool = False,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                        local_files_only: bool = False, token: str | bool | None = None) -> "Cheers":
+                        local_files_only: bool = False, token: str | bool | None = None,
+                        adapter: str | os.PathLike | None = None) -> "Cheers":
         """Load a model: a local directory (official format + tokenizer files), a Hugging Face Hub repo id
         (e.g. "ai9stars/Cheers"; downloads only the files the model needs, into the HF cache), the embedded
         default (None), or a named preset with random weights (for benchmarks and tests; text tasks then need
@@ -133,7 +135,8 @@ class Cheers:
         `dtype`: "auto" (the checkpoint's dtype on CUDA, float32 on CPU), "float32", "bfloat16" or "float16":
         the weights are held in it, with no float32 copy. `compile=True`: `OutputHead.compile` (faster decoding
         after a one-time compile). `revision`, `cache_dir`, `local_files_only`, `token`: as in huggingface_hub
-        (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are honoured)."""
+        (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are honoured). `adapter`: a PEFT LoRA adapter (directory or repo
+        id) applied on top, as the active adapter "default" (`load_adapter` adds more)."""
         device = torch.device(device)
         if name_or_path is None:
             if not (EMBEDDED_DIR / "config.json").exists():
@@ -152,6 +155,8 @@ class Cheers:
             tok = CheersTokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir) else None
             img_d, txt_d = read_defaults(path, model.config)
             pipe = cls(model, tok, device, dtype, img_d, txt_d, source=str(path))
+        if adapter is not None:
+            pipe.load_adapter(adapter, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         if compile:
             pipe.head.compile()
         return pipe
@@ -161,6 +166,7 @@ class Cheers:
         """Write a complete model directory that `from_pretrained` reloads with identical outputs: config.json
         (with the weights' real `torch_dtype`), sharded safetensors + index, tokenizer files,
         generation_config.json and preprocessor_config.json. `dtype` casts the stored weights (default: as held)."""
+        self._require_no_adapters("save_pretrained")
         directory = Path(directory)
         store = self.dtype if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
         save_model(self.model, directory, max_shard_bytes=max_shard_bytes, dtype=store)

@@ -303,7 +303,7 @@ class RunBase:
             pause_before_commit=dbg.ckpt_pause_seconds
             if dbg.ckpt_pause_at_step is None or dbg.ckpt_pause_at_step == self.step else 0.0,
             on_staged=lambda p: self.log.event("checkpoint_staged", step=self.step, path=str(p)),
-            ema=self.ema.state_dict() if self.ema is not None else None,
+            ema=self.ema.state_dict() if self.ema is not None else None, frozen=self.cfg.lora is None,
         )
         self.log.event("checkpoint", step=self.step, path=str(path))
         return path
@@ -311,7 +311,7 @@ class RunBase:
     def load(self, path: Path) -> None:
         with_ema = self.ema is not None and ckpt_io.has_ema(path)
         state = ckpt_io.load_checkpoint(path, self.model, self.optimizer, self.info,
-                                        ema=self.ema.state_dict() if with_ema else None)
+                                        ema=self.ema.state_dict() if with_ema else None, frozen=self.cfg.lora is None)
         self.restore_trainer_state(state)
         self.log.event("resume", step=self.step, path=str(path))
         if self.ema is not None and not with_ema:
@@ -319,6 +319,10 @@ class RunBase:
             self.log.event("ema_start", step=self.step, detail="the checkpoint has no EMA; averaging from here")
 
     def export(self) -> Path | None:
+        if self.cfg.lora is not None:
+            from cheers.train.lora import export_lora
+
+            return export_lora(self)
         path = ckpt_io.export_model(self.model, self.base, self.out / "export", self.info, self.tokenizer)
         self.log.event("export", step=self.step, path=str(path))
         if self.ema is not None and self.cfg.ema.export:
