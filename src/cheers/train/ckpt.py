@@ -168,6 +168,16 @@ def resolve_training_checkpoint(path: str | os.PathLike) -> Path | None:
 # ---- saving -----------------------------------------------------------------------------------------------------
 
 
+def _without_frozen(model: nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """The state dict without frozen parameters under any of their names (torch's `ignore_frozen_params` keeps
+    the second name of a tied weight, e.g. `lm_head.weight`); buffers stay."""
+    from cheers.train.distributed import unwrap
+
+    frozen = {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}
+
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -221,7 +231,9 @@ def save_checkpoint(
                 shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(info)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=not frozen))
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if not frozen:
+        model_sd = _without_frozen(model, model_sd)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = ema
@@ -282,8 +294,9 @@ def load_checkpoint(
             f"{path}: no trainer state for rank {info.rank} (the checkpoint was written by {n} process(es), "
             f"this run has {info.world_size}); resume with the same number of processes"
         )
-    options = StateDictOptions(ignore_frozen_params=not frozen)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if not frozen:
+        model_sd = _without_frozen(model, model_sd)
     # Trainable parameters that never received a gradient before the save (e.g. a module no batch used) have no
     # AdamW state in the checkpoint; get_state_dict just created zero state for them. Drop those entries so the
     # loaded optimizer matches the saved one exactly (AdamW skips parameters without gradient either way).
@@ -307,7 +320,7 @@ def load_checkpoint(
     # dcp.load above already required every model tensor to be present; strict=False only lets the optimizer
     # load without state for the parameters dropped above.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=False, ignore_frozen_params=not frozen))
+                   options=StateDictOptions(strict=False))
     with open(state_file, encoding="utf-8") as f:
         return json.load(f)
 
