@@ -106,6 +106,19 @@ def test_lora_resume_is_exact_and_checkpoints_hold_only_adapters(flow_config, ba
     assert set(model_keys) - set(params) == {f"model.model.{m}.bn.{b}" for m in ("vae_model", "vae_decoder_projector")
                                              for b in ("running_mean", "running_var", "num_batches_tracked")}
     assert all(".lora_" in k for k in keys if k.startswith("optim.state."))
+    # --export-only writes the adapter of the latest checkpoint
+    trainer = E.make_trainer(flow_config(tmp_path / "split", **common), resume=True)
+    try:
+        path = trainer.export()
+        live = {n: p.detach().clone() for n, p in trainer.base.named_parameters() if ".lora_" in n}
+    finally:
+        trainer.close()
+    from cheers.adapters import read_adapter
+
+    state = read_adapter(path)[1]
+    assert path == tmp_path / "split" / "adapter" and len(state) == len(live)
+    assert all(torch.equal(state["base_model.model." + n.replace(".default.weight", ".weight")], t)
+               for n, t in live.items())
 
 
 def test_bad_lora_settings_are_one_line(flow_config, base_dir, tmp_path):
