@@ -101,6 +101,34 @@ def _read(path: Path, key: str) -> torch.Tensor:
         raise CheckpointError(f"{path}: cannot read tensor '{key}' ({err})") from None
 
 
+_CHUNK = 1 << 24  # elements per piece when a whole-tensor temporary would add to the loading peak
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf. A plain sum allocates nothing tensor-sized (an elementwise `isfinite`, or a sum in another
+    dtype, would add temporaries to the loading peak): a finite sum proves every value finite; a non-finite one
+    is either a NaN/inf or an overflow of huge values, which the exact check then tells apart, piece by piece."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + _CHUNK]).all()) for i in range(0, flat.numel(), _CHUNK))
+
+
+def _same_rows(path: Path, key: str, loaded: torch.Tensor) -> bool:
+    """Whether the stored `key` equals `loaded` (cast alike), compared a block of rows at a time."""
+    rows = max(1, _CHUNK // max(1, loaded[0].numel()))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            stored = handle.get_slice(key)
+            for lo in range(0, loaded.shape[0], rows):
+                block = stored[lo:lo + rows].to(device=loaded.device, dtype=loaded.dtype)
+                if not torch.equal(block, loaded[lo:lo + rows]):
+                    return False
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read tensor '{key}' ({err})") from None
+    return True
+
+
 def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> CheersModel:
     """Materialize `model` (may live on the meta device) from an official weight directory, strictly.
@@ -136,7 +164,7 @@ def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: tor
         tensor = _read(owner[key], key)
         target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
         tensor = tensor.to(device=device, dtype=target_dtype)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise CheckpointError(f"{owner[key]}: tensor '{key}' contains NaN or inf")
         module_name, _, leaf = key.rpartition(".")
         module = model.get_submodule(module_name)
@@ -145,13 +173,10 @@ def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: tor
         elif key in buffers:
             module._buffers[leaf] = tensor
     model.tie_weights()
-    if tied and TIED_HEAD in found:
-        head = _read(owner[TIED_HEAD], TIED_HEAD).to(device=device, dtype=dtype)
-        if not torch.equal(head, model.lm_head.weight.data):
-            log.warning("%s: '%s' differs from '%s' but config.json ties them; the head is the embedding, as in "
-                        "the reference (set text_config.tie_word_embeddings=false to use the stored head)",
-                        owner[TIED_HEAD], TIED_HEAD, TIED_EMBED)
-        del head
+    if tied and TIED_HEAD in found and not _same_rows(owner[TIED_HEAD], TIED_HEAD, model.lm_head.weight.data):
+        log.warning("%s: '%s' differs from '%s' but config.json ties them; the head is the embedding, as in "
+                    "the reference (set text_config.tie_word_embeddings=false to use the stored head)",
+                    owner[TIED_HEAD], TIED_HEAD, TIED_EMBED)
     leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftovers:  # pragma: no cover - guarded by _check_keys
         raise CheckpointError(f"{directory}: tensors left unloaded: {', '.join(leftovers)}")
