@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Iterable
 
@@ -114,17 +115,32 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(flat[i:i + _CHUNK]).all()) for i in range(0, flat.numel(), _CHUNK))
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
 def _same_rows(path: Path, key: str, loaded: torch.Tensor) -> bool:
-    """Whether the stored `key` equals `loaded` (cast alike), compared a block of rows at a time."""
-    rows = max(1, _CHUNK // max(1, loaded[0].numel()))
+    """Whether the stored `key` equals `loaded` (cast alike), compared a block of rows at a time. Read with plain
+    file reads at the offsets of the safetensors header rather than through a mapping, so the stored copy never
+    becomes resident beside the loaded weights."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            stored = handle.get_slice(key)
-            for lo in range(0, loaded.shape[0], rows):
-                block = stored[lo:lo + rows].to(device=loaded.device, dtype=loaded.dtype)
-                if not torch.equal(block, loaded[lo:lo + rows]):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(n))[key]
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            start, end = entry["data_offsets"]
+            shape = entry["shape"]
+            if list(shape) != list(loaded.shape):
+                return False
+            row_bytes = (end - start) // max(1, shape[0])
+            rows = max(1, _CHUNK // max(1, loaded[0].numel()))
+            for lo in range(0, shape[0], rows):
+                hi = min(shape[0], lo + rows)
+                f.seek(8 + n + start + lo * row_bytes)
+                raw = bytearray(f.read((hi - lo) * row_bytes))
+                block = torch.frombuffer(raw, dtype=dtype).view(hi - lo, *shape[1:])
+                if not torch.equal(block.to(device=loaded.device, dtype=loaded.dtype), loaded[lo:hi]):
                     return False
-    except Exception as err:
+    except (OSError, KeyError, ValueError, struct.error) as err:
         raise CheckpointError(f"{path}: cannot read tensor '{key}' ({err})") from None
     return True
 

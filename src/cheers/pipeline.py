@@ -393,8 +393,9 @@ class Cheers:
         generated: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         texts = [""] * len(rows)
-        for step in S.decode_tokens(self.model, prefix, s, prompt_ids=ids, head=self.head):
-            for i, tkn in enumerate(step.tolist()):
+        steps = S.decode_tokens(self.model, prefix, s, prompt_ids=ids, head=self.head)
+        for step in _to_host(steps, every=1 if self.device.type == "cpu" else 8):
+            for i, tkn in enumerate(step):
                 if done[i]:
                     continue
                 if tkn in s.stop_ids:
@@ -474,6 +475,19 @@ def describe(model: CheersModel, source: str, image_defaults: ImageDefaults | No
         "image_defaults": vars(image_defaults or ImageDefaults()),
         "text_defaults": vars(text_defaults or TextDefaults()),
     }
+
+
+def _to_host(steps: Iterator[torch.Tensor], every: int) -> Iterator[list[int]]:
+    """Each step's ids as a list, copied from the device `every` steps at a time (one sync per copy: on a GPU a
+    sync per token would stall the queue of kernels)."""
+    pending: list[torch.Tensor] = []
+    for step in steps:
+        pending.append(step)
+        if len(pending) == every:
+            yield from torch.stack(pending).tolist()
+            pending = []
+    if pending:
+        yield from torch.stack(pending).tolist()
 
 
 def _pieces(steps: Iterator[list[str]]) -> Iterator[str]:
