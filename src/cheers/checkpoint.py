@@ -93,6 +93,21 @@ def _check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, torch.Siz
         raise CheckpointError(f"{where}: " + " | ".join(parts))
 
 
+def tensor_files(directory: str | os.PathLike) -> dict[str, Path]:
+    """key -> the safetensors file that holds it, for an official weight directory."""
+    directory = Path(directory)
+    owner: dict[str, Path] = {}
+    for name in _weight_files(directory):
+        with _open(directory / name) as handle:
+            owner.update({key: directory / name for key in handle.keys()})
+    return owner
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One stored tensor (see `_read`)."""
+    return _read(path, key)
+
+
 def _read(path: Path, key: str) -> torch.Tensor:
     """One tensor, read through a mapping that is closed again right away (see the module docstring)."""
     try:

@@ -36,6 +36,7 @@ from cheers.train.run import (
     grad_sync_context,
     load_tokenizer,
     set_activation_checkpointing,
+    sharded_init,
 )
 from cheers.train.settings import TrainConfig, TrainConfigError
 
@@ -294,7 +295,8 @@ class FlowTrainer(RunBase):
         if any(n.startswith("model.vae_model.") for n in self.trainable):
             raise TrainConfigError("stages >= 1 never train the VAE (model.vae_model.*): add it to trainable.exclude")
         self.base.model.vae_model.eval()  # frozen encoder: no running statistics anywhere, but keep it explicit
-        self.model = wrap(self.base, self.info, cfg.distributed.reshard_after_forward)
+        self.model = wrap(self.base, self.info, cfg.distributed.reshard_after_forward, bf16=cfg.model.bf16_autocast,
+                          init_dir=sharded_init(cfg, self.info))
         self._setup_optimizer(self.model)
         mcfg = self.base.config
         self.n_img_tokens = mcfg.num_image_tokens
