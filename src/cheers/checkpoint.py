@@ -8,6 +8,7 @@ add up in resident memory: loading peaks at about the weights' own bytes (`bench
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -296,5 +297,7 @@ def save_model(model: CheersModel, directory: str | os.PathLike, max_shard_bytes
     for tmp, final in staged:
         os.chmod(tmp, 0o666 & ~umask)  # temp files are private; the checkpoint gets normal permissions
         os.replace(tmp, final)
-    model.config.save_json(directory / "config.json")
+    stored = {t.dtype for t in state.values() if t.is_floating_point()}
+    name = str(stored.pop()).removeprefix("torch.") if len(stored) == 1 else model.config.torch_dtype
+    dataclasses.replace(model.config, torch_dtype=name).save_json(directory / "config.json")
     return directory

@@ -383,6 +383,7 @@ class Cheers:
         prefix = self._prefill(rows, self._latents(self._row_images(rows, [0] * len(rows), pixels)))
         return self.head.logits(prefix.last_hidden).float()
 
+    @torch.no_grad()
     def _generate_text(self, rows: list[list[int]], pixels: list[torch.Tensor], s: S.TextSampling,
                        stops: list[str], seeds: list[int]) -> Iterator[list[str]]:
         """Yield the full decoded text of every row after each step (stop strings applied)."""
@@ -490,17 +491,16 @@ def _to_host(steps: Iterator[torch.Tensor], every: int) -> Iterator[list[int]]:
         yield from torch.stack(pending).tolist()
 
 
+@torch.no_grad()  # as a decorator it is scoped to each step: a suspended stream leaves the caller's mode alone
 def _pieces(steps: Iterator[list[str]]) -> Iterator[str]:
     sent = ""
-    with torch.no_grad():
-        for texts in steps:
-            text = texts[0]
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                continue
-            if len(text) > len(sent) and text.startswith(sent):
-                yield text[len(sent):]
-                sent = text
-    return
+    for texts in steps:
+        text = texts[0]
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            continue
+        if len(text) > len(sent) and text.startswith(sent):
+            yield text[len(sent):]
+            sent = text
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -546,7 +546,7 @@ def read_defaults(path: Path, config: CheersConfig) -> tuple[ImageDefaults, Text
             if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.text.vocab_size
                        for i in ids):
                 raise CheckpointError(f"{f}: eos_token_id {eos!r}: expected token ids below {config.text.vocab_size}")
-            std["stop_ids"] = tuple(dict.fromkeys(ids))
+            std["stop_ids"] = tuple(i for i in dict.fromkeys(ids) if i != config.tokens.chat_end)
         ours = data.get("cheers", {})
         img = replace(img, **{k: v for k, v in ours.get("image", {}).items() if hasattr(img, k)})
         try:  # both checks' messages start with the field's name
