@@ -15,6 +15,12 @@ from cheers.options import add_model_options
 def run_demo(model_dir: str | None = None, out: str = "cheers-demo", seed: int = 0, steps: int | None = None,
              **load_kw: Any) -> dict:
     """Every task once on `model_dir` (default: the embedded model); `load_kw` go to `Cheers.from_pretrained`."""
+    try:
+        import scipy  # noqa: F401  (the judges need the evaluation extra)
+        import sklearn  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"cheers demo judges its pictures with the evaluation extra ({err.name} is missing): "
+                           "pip install 'cheers[eval]'") from None
     from cheers.eval.digits import digit_eval_items, digit_judge
     from cheers.eval.harness import make_grid
     from cheers.eval.judge import score_answer, score_edit, score_generation
