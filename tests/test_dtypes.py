@@ -20,7 +20,7 @@ def _dtypes(pipe: Cheers) -> set[torch.dtype]:
 
 
 def test_dtype_names_and_auto_resolution():
-    from cheers.pipeline import resolve_dtype
+    from cheers.defaults import resolve_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_dtype("auto", cpu, "bfloat16") is torch.float32  # bf16 matmuls are slow on CPUs

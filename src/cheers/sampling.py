@@ -16,7 +16,7 @@ import torch
 from cheers.decoding import OutputHead
 from cheers.model.cheers import CheersModel
 from cheers.model.qwen2 import KVCache
-from cheers.samplers import SAMPLERS, evaluations, get_sampler  # noqa: F401 (SAMPLERS, evaluations re-exported)
+from cheers.samplers import get_sampler
 
 @dataclass
 class Prefix:
