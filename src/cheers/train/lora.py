@@ -13,12 +13,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from cheers.adapters import (
     AdapterError,
     adapter_state,
     add_adapter,
+    lora_layers,
     make_config,
     merged_state_dict,
     resolve_targets,
@@ -36,8 +38,24 @@ if TYPE_CHECKING:
 ADAPTER_NAME = "default"
 
 
-def attach_lora(base: nn.Module, cfg: TrainConfig) -> "LoraConfig":
-    """Inject the run's adapter into the (unwrapped, float32) model; afterwards only the adapter trains."""
+def initial_adapter(base: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The adapter's starting values, the same on every rank and whether or not the model is materialized yet
+    (FSDP2 loads an official directory into a model built on the meta device): A ~ U(-1/sqrt(in), 1/sqrt(in)),
+    peft's default (kaiming-uniform with a = sqrt(5)), drawn from a generator of its own in layer order; B = 0."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, layer in lora_layers(base):
+        a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+        bound = a.shape[1] ** -0.5
+        out[f"{name}.lora_A.{ADAPTER_NAME}.weight"] = torch.empty(a.shape).uniform_(-bound, bound, generator=g)
+        out[f"{name}.lora_B.{ADAPTER_NAME}.weight"] = torch.zeros(b.shape)
+    return out
+
+
+def attach_lora(base: nn.Module, cfg: TrainConfig) -> tuple["LoraConfig", dict[str, torch.Tensor]]:
+    """Inject the run's adapter into the (unwrapped, float32) model; afterwards only the adapter trains. Returns
+    the peft config and the adapter's starting values (already in place unless the model is on the meta device,
+    where the sharded load puts them)."""
     lo = cfg.lora
     try:
         targets = resolve_targets(base, lo.targets, lo.exclude)
@@ -46,7 +64,13 @@ def attach_lora(base: nn.Module, cfg: TrainConfig) -> "LoraConfig":
     except AdapterError as err:
         raise TrainConfigError(f"lora: {err}") from None
     base.train()  # the injected dropout layers follow the model's mode
-    return config
+    init = initial_adapter(base, cfg.seed)
+    params = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, value in init.items():
+            if not params[name].is_meta:
+                params[name].copy_(value)
+    return config, init
 
 
 def _adapter_tensors(model: nn.Module, base: nn.Module, info: DistInfo):

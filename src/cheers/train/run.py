@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cheers.checkpoint import load_model
-from cheers.config import preset
+from cheers.config import CheersConfig, preset
 from cheers.model.cheers import CheersModel
 from cheers.tokenizer import CheersTokenizer
 from cheers.train import ckpt as ckpt_io
@@ -121,6 +121,17 @@ def init_weights(model: nn.Module, std: float) -> None:
                 nn.init.normal_(mod.weight, 0.0, std)
 
 
+def sharded_init(cfg: TrainConfig, info: DistInfo) -> Path | None:
+    """The official model directory FSDP2 loads shard by shard (after wrapping), or None (the model is loaded
+    whole by `build_model`)."""
+    if not (cfg.model.init and info.distributed and info.strategy == "fsdp2"):
+        return None
+    p = Path(cfg.model.init)
+    if (p / "config.json").is_file() and ckpt_io.resolve_training_checkpoint(p) is None:
+        return p
+    return None
+
+
 def build_model(cfg: TrainConfig, tokenizer, info: DistInfo) -> tuple[nn.Module, str]:
     """The CheersModel to train (float32, on the run's device) and a description of where it came from."""
     torch.manual_seed(cfg.seed)  # identical from-scratch init on every rank
@@ -128,7 +139,11 @@ def build_model(cfg: TrainConfig, tokenizer, info: DistInfo) -> tuple[nn.Module,
     if init:
         p = Path(init)
         step = ckpt_io.resolve_training_checkpoint(p)
-        if (p / "config.json").is_file() and step is None:
+        if sharded_init(cfg, info) is not None:
+            with torch.device("meta"):  # `distributed.wrap` shards it, then each rank loads its own shards
+                model = CheersModel(CheersConfig.from_json_file(p / "config.json"))
+            origin = f"official model directory {p} (sharded load per rank)"
+        elif (p / "config.json").is_file() and step is None:
             model = load_model(p)
             origin = f"official model directory {p}"
         elif step is not None:
@@ -163,7 +178,8 @@ def build_model(cfg: TrainConfig, tokenizer, info: DistInfo) -> tuple[nn.Module,
         model.config.head.high_frequency_gate = bool(cfg.model.high_frequency_gate)
         model.model.hi_gate.enabled = bool(cfg.model.high_frequency_gate)
         origin += f", high-frequency gate {'on' if cfg.model.high_frequency_gate else 'OFF (ablation)'}"
-    model = model.float().to(info.device)
+    if not model.lm_head.weight.is_meta:
+        model = model.float().to(info.device)
     if use_channels_last(cfg, info):
         # Only the trained convolution stack: the frozen VAE encoder stays contiguous. On a constant picture
         # (the black dummy image) GroupNorm divides by ~sqrt(eps), so rounding differences of the memory format
