@@ -23,7 +23,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -395,12 +395,6 @@ def using(model: nn.Module, name: str | None) -> Iterator[None]:
         yield
     finally:
         set_active(model, before)
-
-
-def describe_adapter(config: "LoraConfig") -> dict[str, Any]:
-    return {"rank": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-            "rslora": bool(config.use_rslora), "layers": len(config.target_modules),
-            "base": config.base_model_name_or_path}
 
 
 # ---- the pipeline's adapter methods -----------------------------------------------------------------------------
