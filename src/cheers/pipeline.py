@@ -132,9 +132,9 @@ class Cheers(PipelineAdapters):
         return directory
 
     def push_to_hub(self, repo_id: str, token: str | None = None, revision: str | None = None,
-                    private: bool | None = None, commit_message: str = "Upload Cheers model") -> str:
-        """`save_pretrained` into a temporary directory, then upload it with huggingface_hub; returns the commit
-        URL."""
+                    private: bool | None = None, commit_message: str = "Upload Cheers model") -> Any:
+        """`save_pretrained` into a temporary directory, then upload it with huggingface_hub (creating the repo,
+        and the branch `revision`, when missing); returns huggingface_hub's `CommitInfo`."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
