@@ -125,7 +125,9 @@ class CheersConfig:
     tokens: TokenIds = field(default_factory=TokenIds)
     flow_loss_weight: float = 1.0
     name: str = "custom"
-    torch_dtype: str = "float32"  # the stored weights' dtype (config.json `torch_dtype`); "auto" loads in it on GPU
+    # the stored weights' dtype (config.json `torch_dtype`; "auto" loads in it on GPU): storage, not architecture,
+    # so two configs that differ only here compare equal
+    torch_dtype: str = field(default="float32", compare=False)
 
     # ---- derived geometry -------------------------------------------------------------------------------------
     @property
