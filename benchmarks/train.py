@@ -18,6 +18,17 @@ Rows:
 * `larger preset` - cheers-small (6-layer 256-wide LLM), random init, 8 synthetic mixed samples per step:
   expanded tokens/s of whole optimizer steps.
 The script ends with one JSON line.
+
+    python benchmarks/train.py --lora     # LoRA vs full fine-tuning (a few minutes; no parity checkpoint needed)
+
+`--lora` compares a LoRA step (rank 16 on the LLM's attention and MLP projections, base frozen) with a full
+fine-tuning step (every weight but the VAE) on the same batch: cheers-small, 8 mixed samples, the trainer's own
+path (cached latents, forward_backward, clipping, AdamW). Each mode runs in a fresh process, so its peak RSS is its
+own; the tensors are also counted exactly (weights, gradients, AdamW state, and the activations autograd keeps for
+the backward, summed through saved-tensor hooks). It then gives the memory of both at the 1.5B size (cheers-1.5b,
+float32 as the trainer holds it): weights, gradients and AdamW state from the parameter counts, activations of one
+512 px generation sample measured on the 1.5B widths at depth 2 (every layer stack: LLM, ViT, both flow-head
+stages) and extrapolated layer by layer to the full depths.
 """
 
 from __future__ import annotations
@@ -160,12 +171,260 @@ def larger_preset(n_samples: int, warmup: int, reps: int) -> dict:
             "step_s": med, "tokens_per_s": mb.n_tokens / med, "samples_per_s": n_samples / med}
 
 
+# ---- LoRA vs full fine-tuning ---------------------------------------------------------------------------------
+
+LORA_RANK, LORA_TARGETS = 16, ["llm"]
+LAYER_STACKS = {  # module-name prefix of one layer -> the config field holding the stack's depth
+    "model.language_model.layers": ("text", "num_layers"),
+    "model.vision_representation.encoder.layers": ("vision", "num_layers"),
+    "model.gen_projector.diffusion_head_a": ("head", "stage1_layers"),
+    "model.hi_projector.diffusion_head_a": ("head", "stage2_layers"),
+}
+
+
+def _rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def _prepare(model, mode: str) -> None:
+    """Full: every weight but the frozen VAE trains. LoRA: the peft adapter alone trains."""
+    from cheers.adapters import add_adapter, make_config, resolve_targets
+
+    if mode == "lora":
+        config = make_config(resolve_targets(model, LORA_TARGETS), LORA_RANK, 2.0 * LORA_RANK)
+        add_adapter(model, config, "default", trainable=True)
+    else:
+        model.requires_grad_(True)
+        model.model.vae_model.requires_grad_(False)
+
+
+def _mixed_batch(cfg, n_samples: int, tmp: Path, tasks=(("understanding", 3), ("generation", 6), ("text", 1),
+                                                        ("edit", 1))):
+    """A micro-batch of `n_samples` smoke-corpus samples through the real data pipeline (random latents)."""
+    from cheers.shapes.smoke import make_dataset, make_tokenizer
+    from cheers.train.data import SampleBuilder, collate
+    from cheers.train.feed import RecordFeed, sample_noise
+    from cheers.train.settings import DataSection, SourceSection
+
+    files = make_dataset(tmp / "data", n_understanding=8, n_generation=8, n_edit=4, n_text=4)
+    tok = make_tokenizer(tmp / "tok", vocab_size=600)
+    cfg.tokens = tok.token_ids
+    data = DataSection(sources=[SourceSection(path=str(files[k]), weight=w) for k, w in tasks])
+    recs = RecordFeed(data, 0).take(n_samples)
+    builder = SampleBuilder.from_config(cfg, tok, max_length=4096, cfg_dropout=0.0, seed=0)
+    samples = [builder.build(r, i) for i, r in recs]
+    batch = collate(samples, tok.token_ids.pad)
+    shape = (cfg.latent_channels, cfg.grid, cfg.grid)
+    x0 = torch.cat([sample_noise(0, i, int(s.t.numel()), shape) for (i, _), s in zip(recs, samples)])
+    latents = torch.randn((batch["pixel_values"].shape[0], *shape), generator=torch.Generator().manual_seed(0))
+    return E.MicroBatch.from_batch(batch, x0, cfg.num_image_tokens, cfg.tokens.img_end, latents=latents)
+
+
+def saved_activations(model, mb) -> dict[str, int]:
+    """Bytes of the tensors autograd would keep for the backward of one forward (parameters excluded, each storage
+    once), by the layer that saved them (`<stack prefix>.<i>`), else by the component (`model.<name>`, or
+    "other" for the model's own code). Nothing is kept: the hook hands autograd a placeholder (no backward runs),
+    so the forward of a large model at 512 px needs no memory for what it measures. A storage counts once until
+    it is freed (its memory may then hold a new tensor, which counts again, as it would when kept)."""
+    import re
+    import weakref
+    from collections import defaultdict
+
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    layer_re = re.compile("^(" + "|".join(re.escape(p) for p in LAYER_STACKS) + r")\.(\d+)(\.|$)")
+    names = {m: n for n, m in model.named_modules()}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stack: list[str] = []
+    live: set[int] = set()  # storages counted and not freed since
+    per: dict[str, int] = defaultdict(int)
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in params:
+            return t
+        if ptr not in live:
+            owner = next((m.group(1) + "." + m.group(2) for n in reversed(stack) if (m := layer_re.match(n))),
+                         ".".join(next((n for n in stack if n.count(".") >= 1), "other").split(".")[:2]))
+            per[owner] += storage.nbytes()
+            live.add(ptr)
+            weakref.finalize(storage, live.discard, ptr)  # the storage object lives exactly as long as the memory
+        return None
+
+    def enter(module, args) -> None:
+        stack.append(names.get(module, ""))
+
+    def leave(module, args, output) -> None:  # returning None keeps the module's output
+        stack.pop()
+
+    pre = register_module_forward_pre_hook(enter)
+    post = register_module_forward_hook(leave)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**mb.inputs, x0=mb.x0)
+        del out
+    finally:
+        pre.remove()
+        post.remove()
+    return dict(per)
+
+
+def lora_worker(mode: str, preset_name: str, n_samples: int, warmup: int, reps: int) -> dict:
+    """One mode in this (fresh) process: optimizer steps on a mixed batch; memory of the process and of the tensors."""
+    import tempfile
+
+    from cheers.config import preset
+    from cheers.model.cheers import CheersModel
+    from cheers.train.optim import build_optimizer
+    from cheers.train.settings import OptimSection
+
+    if mode == "lora":
+        import peft  # noqa: F401  (its import is not part of the step's memory)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = preset(preset_name)
+        mb = _mixed_batch(cfg, n_samples, Path(tmp))
+    rss_start = _rss_gb()
+    torch.manual_seed(0)
+    model = CheersModel(cfg).train()
+    E.init_weights(model, 0.02)
+    _prepare(model, mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, OptimSection(lr=1e-5))
+    rss_model = _rss_gb()
+    acts = saved_activations(model, mb)
+    times, grads_bytes = [], 0
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        E.forward_backward(model, [mb], DistInfo(), model.config.flow_loss_weight)
+        grads_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        E.clip_gradients(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    state_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                      if torch.is_tensor(v) and v.dim() > 0)
+    return {
+        "mode": mode, "preset": preset_name, "samples": n_samples, "tokens": mb.n_tokens,
+        "params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params),
+        "step_s": statistics.median(times), "step_s_min": min(times),
+        "peak_rss_gb": peak_rss_gb(), "rss_before_model_gb": rss_start, "rss_model_gb": rss_model,
+        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        "grads_mb": grads_bytes / 2**20, "adamw_mb": state_bytes / 2**20,
+        "activations_mb": sum(acts.values()) / 2**20,
+    }
+
+
+def _run_worker(mode: str, args) -> dict:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--lora-worker", mode, "--preset", args.preset, "--batch", str(args.batch),
+           "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def activations_at_scale(name: str = "cheers-1.5b", depth: int = 2) -> dict:
+    """Saved activations of one 512 px generation sample (float32) for the full and the LoRA step of `name`,
+    measured on its widths with every layer stack cut to `depth` layers and extrapolated to the full depths: the
+    last measured layer of a stack stands for each further layer (the first one also keeps the stack's input)."""
+    import gc
+    import tempfile
+
+    from cheers.config import preset
+    from cheers.model.cheers import CheersModel
+
+    full_cfg = preset(name)
+    cut = preset(name)
+    depths = {}
+    for prefix, (section, field) in LAYER_STACKS.items():
+        depths[prefix] = getattr(getattr(full_cfg, section), field)
+        setattr(getattr(cut, section), field, depth)
+    with tempfile.TemporaryDirectory() as tmp:
+        mb = _mixed_batch(cut, 1, Path(tmp), tasks=(("generation", 1),))
+    out = {"sample": "generation", "positions": mb.n_tokens, "resolution": cut.resolution, "measured_depth": depth}
+    for mode in ("full", "lora"):
+        torch.manual_seed(0)
+        model = CheersModel(cut).train()
+        model.model.vae_model.to("meta")  # never run in a trainer step (cached latents): no need to hold it
+        _prepare(model, mode)
+        per = saved_activations(model, mb)
+        del model
+        gc.collect()
+        layers = {p: [per.pop(f"{p}.{i}", 0) for i in range(depth)] for p in LAYER_STACKS}
+        total = sum(per.values()) + sum(sum(v) + (depths[p] - depth) * v[-1] for p, v in layers.items())
+        out[f"{mode}_gb"] = total / 2**30
+        out[f"{mode}_per_layer_mb"] = {p: v[-1] / 2**20 for p, v in layers.items()}
+        out[f"{mode}_outside_layers_mb"] = {k: v / 2**20 for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+    return out
+
+
+def memory_at_scale(name: str = "cheers-1.5b") -> dict:
+    """Weights, gradients and AdamW state (float32) of the full and the LoRA step, from the parameter counts."""
+    from cheers.config import preset
+    from cheers.model.cheers import CheersModel
+
+    out = {}
+    for mode in ("full", "lora"):
+        with torch.device("meta"):
+            model = CheersModel(preset(name))
+        _prepare(model, mode)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        out[mode] = {"params": total, "trainable": trainable, "weights_gb": 4 * total / 2**30,
+                     "weights_bf16_base_gb": (2 * (total - trainable) + 4 * trainable) / 2**30,
+                     "grads_gb": 4 * trainable / 2**30, "adamw_gb": 8 * trainable / 2**30}
+    return out
+
+
+def lora_main(args) -> int:
+    full, lora = _run_worker("full", args), _run_worker("lora", args)
+    print(f"LoRA (rank {LORA_RANK}, {'+'.join(LORA_TARGETS)}) vs full fine-tuning: {args.preset}, "
+          f"{full['samples']} samples ({full['tokens']} positions) per step, {args.threads} threads, float32")
+    print(f"{'':<28} {'full':>10} {'lora':>10}")
+    rows = [("trainable params", "trainable", "{:,.0f}"), ("step time s (median)", "step_s", "{:.3f}"),
+            ("peak RSS GB (process)", "peak_rss_gb", "{:.3f}"), ("weights MB", "weights_mb", "{:.1f}"),
+            ("gradients MB", "grads_mb", "{:.1f}"), ("AdamW state MB", "adamw_mb", "{:.1f}"),
+            ("saved activations MB", "activations_mb", "{:.1f}")]
+    for label, key, fmt in rows:
+        print(f"{label:<28} {fmt.format(full[key]):>10} {fmt.format(lora[key]):>10}")
+    scale = memory_at_scale()
+    acts = activations_at_scale()
+    print(f"\ncheers-1.5b, float32 (GiB): one {acts['resolution']} px generation sample ({acts['positions']} "
+          "positions) per step")
+    print(f"{'':<28} {'full':>10} {'lora':>10}")
+    for label, key in (("weights", "weights_gb"), ("gradients", "grads_gb"), ("AdamW state", "adamw_gb")):
+        print(f"{label:<28} {scale['full'][key]:>10.2f} {scale['lora'][key]:>10.2f}")
+    print(f"{'activations (1 sample)':<28} {acts['full_gb']:>10.2f} {acts['lora_gb']:>10.2f}")
+    for mode in ("full", "lora"):
+        scale[mode]["total_gb"] = sum(scale[mode][k] for k in ("weights_gb", "grads_gb", "adamw_gb")) + acts[f"{mode}_gb"]
+    print(f"{'total':<28} {scale['full']['total_gb']:>10.2f} {scale['lora']['total_gb']:>10.2f}")
+    print(json.dumps({"benchmark": "train_lora", "threads": args.threads, "full": full, "lora": lora,
+                      "at_1p5b": scale, "activations_1p5b": acts}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (< 1 minute)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lora", action="store_true", help="LoRA vs full fine-tuning only (see above)")
+    ap.add_argument("--preset", default="cheers-small", help="--lora: the preset of the measured steps")
+    ap.add_argument("--batch", type=int, default=8, help="--lora: samples per step")
+    ap.add_argument("--lora-worker", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.lora_worker:
+        print(json.dumps(lora_worker(args.lora_worker, args.preset, args.batch, 1, 2 if args.quick else 5)))
+        return 0
+    if args.lora:
+        return lora_main(args)
     ckpt = SHARED / "parity" / "tiny-official"
     if not (ckpt / "config.json").exists():
         print(f"benchmark needs {ckpt} (the parity checkpoint)", file=sys.stderr)

@@ -416,7 +416,7 @@ def test_export_step_writes_the_plain_or_the_averaged_weights_of_a_checkpoint(tm
     from cheers.train import engine as E
     from cheers.train.ckpt import load_checkpoint_model
     from cheers.train.settings import load_config
-    from cheers.train.synthetic import make_dataset, make_tokenizer
+    from cheers.shapes.smoke import make_dataset, make_tokenizer
 
     files = make_dataset(tmp_path / "data", n_understanding=2, n_generation=2, n_edit=1, n_text=1)
     make_tokenizer(tmp_path / "tok")

@@ -336,3 +336,14 @@ def test_the_release_layout_with_a_bpe_tokenizer(hub, cache, tmp_path):
     logits = c.next_token_logits([[{"role": "user", "content": "What is this?"}]])
     assert torch.equal(logits, Cheers.from_pretrained(d).next_token_logits(
         [[{"role": "user", "content": "What is this?"}]]))
+
+
+def test_pipeline_push_to_hub_round_trips(hub, cache, model_dir):
+    """`Cheers.push_to_hub` saves a complete directory and uploads it; loading the repo gives the same outputs."""
+    pipe = Cheers.from_pretrained(model_dir)
+    info = pipe.push_to_hub("me/from-pipeline", token=TOKEN)
+    assert info.oid == hub.repos["me/from-pipeline"].branches["main"]
+    files = set(hub.files("me/from-pipeline"))
+    assert {"config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json"} <= files
+    again = Cheers.from_pretrained("me/from-pipeline", token=TOKEN)
+    assert torch.equal(outputs(again)[0], outputs(pipe)[0])

@@ -8,9 +8,11 @@ add up in resident memory: loading peaks at about the weights' own bytes (`bench
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -92,6 +94,21 @@ def _check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, torch.Siz
         raise CheckpointError(f"{where}: " + " | ".join(parts))
 
 
+def tensor_files(directory: str | os.PathLike) -> dict[str, Path]:
+    """key -> the safetensors file that holds it, for an official weight directory."""
+    directory = Path(directory)
+    owner: dict[str, Path] = {}
+    for name in _weight_files(directory):
+        with _open(directory / name) as handle:
+            owner.update({key: directory / name for key in handle.keys()})
+    return owner
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One stored tensor (see `_read`)."""
+    return _read(path, key)
+
+
 def _read(path: Path, key: str) -> torch.Tensor:
     """One tensor, read through a mapping that is closed again right away (see the module docstring)."""
     try:
@@ -104,6 +121,49 @@ def _read(path: Path, key: str) -> torch.Tensor:
 def _castable(tensor: torch.Tensor) -> bool:
     """Float weights follow the requested dtype; integer and float8 (quantized) tensors keep their own."""
     return tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+_CHUNK = 1 << 24  # elements per piece when a whole-tensor temporary would add to the loading peak
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf. A plain sum allocates nothing tensor-sized (an elementwise `isfinite`, or a sum in another
+    dtype, would add temporaries to the loading peak): a finite sum proves every value finite; a non-finite one
+    is either a NaN/inf or an overflow of huge values, which the exact check then tells apart, piece by piece."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + _CHUNK]).all()) for i in range(0, flat.numel(), _CHUNK))
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _same_rows(path: Path, key: str, loaded: torch.Tensor) -> bool:
+    """Whether the stored `key` equals `loaded` (cast alike), compared a block of rows at a time. Read with plain
+    file reads at the offsets of the safetensors header rather than through a mapping, so the stored copy never
+    becomes resident beside the loaded weights."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(n))[key]
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            start, end = entry["data_offsets"]
+            shape = entry["shape"]
+            if list(shape) != list(loaded.shape):
+                return False
+            row_bytes = (end - start) // max(1, shape[0])
+            rows = max(1, _CHUNK // max(1, loaded[0].numel()))
+            for lo in range(0, shape[0], rows):
+                hi = min(shape[0], lo + rows)
+                f.seek(8 + n + start + lo * row_bytes)
+                raw = bytearray(f.read((hi - lo) * row_bytes))
+                block = torch.frombuffer(raw, dtype=dtype).view(hi - lo, *shape[1:])
+                if not torch.equal(block.to(device=loaded.device, dtype=loaded.dtype), loaded[lo:hi]):
+                    return False
+    except (OSError, KeyError, ValueError, struct.error) as err:
+        raise CheckpointError(f"{path}: cannot read tensor '{key}' ({err})") from None
+    return True
 
 
 def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -143,7 +203,7 @@ def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: tor
         tensor = _read(owner[key], key)
         target_dtype = dtype if _castable(tensor) else tensor.dtype
         tensor = tensor.to(device=device, dtype=target_dtype)
-        if _castable(tensor) and not bool(torch.isfinite(tensor).all()):
+        if _castable(tensor) and not _all_finite(tensor):
             raise CheckpointError(f"{owner[key]}: tensor '{key}' contains NaN or inf")
         module_name, _, leaf = key.rpartition(".")
         module = model.get_submodule(module_name)
@@ -154,13 +214,10 @@ def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: tor
         if loaded is not None:
             loaded(key)
     model.tie_weights()
-    if tied and TIED_HEAD in found:
-        head = _read(owner[TIED_HEAD], TIED_HEAD).to(device=device, dtype=dtype)
-        if not torch.equal(head, model.lm_head.weight.data):
-            log.warning("%s: '%s' differs from '%s' but config.json ties them; the head is the embedding, as in "
-                        "the reference (set text_config.tie_word_embeddings=false to use the stored head)",
-                        owner[TIED_HEAD], TIED_HEAD, TIED_EMBED)
-        del head
+    if tied and TIED_HEAD in found and not _same_rows(owner[TIED_HEAD], TIED_HEAD, model.lm_head.weight.data):
+        log.warning("%s: '%s' differs from '%s' but config.json ties them; the head is the embedding, as in "
+                    "the reference (set text_config.tie_word_embeddings=false to use the stored head)",
+                    owner[TIED_HEAD], TIED_HEAD, TIED_EMBED)
     leftovers = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftovers:  # pragma: no cover - guarded by _check_keys
         raise CheckpointError(f"{directory}: tensors left unloaded: {', '.join(leftovers)}")
@@ -262,5 +319,7 @@ def save_model(model: CheersModel, directory: str | os.PathLike, max_shard_bytes
     for tmp, final in staged:
         os.chmod(tmp, 0o666 & ~umask)  # temp files are private; the checkpoint gets normal permissions
         os.replace(tmp, final)
-    model.config.save_json(directory / "config.json")
+    stored = {t.dtype for t in state.values() if _castable(t)}
+    name = str(stored.pop()).removeprefix("torch.") if len(stored) == 1 else model.config.torch_dtype
+    dataclasses.replace(model.config, torch_dtype=name).save_json(directory / "config.json")
     return directory

@@ -8,28 +8,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from cheers.adapter_cli import add_merge_adapter_subcommand
 from cheers.demo import add_demo_subcommand
 from cheers.eval.cli import add_eval_subcommands
+from cheers.options import add_model_options, load_pipeline
 from cheers.samplers import SAMPLERS
 from cheers.serve import add_serve_subcommand
 from cheers.train.cli import add_train_subcommand
 
-MODEL_HELP = "model directory (official format + tokenizer) or preset name; default: the embedded model"
-
-
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype; bf16/fp16 run through autocast on GPU only (default: float32)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the language model and output head: ~2x faster text decoding of small "
-                        "models after a one-time compile of ~30 s (cached on disk); needs a C++ compiler on CPU")
-    p.add_argument("--quantize", default=None, metavar="MODE[:PATTERNS]",
-                   help="quantize the linear layers as they load: int8 (int8 weights and activations; CPU, GPU), "
-                        "int8-weight (weights only), int4-weight and fp8 (CUDA); PATTERNS (comma-separated module "
-                        "globs, !GLOB excludes) narrow it, e.g. int8:model.language_model.*; a quantized checkpoint "
-                        "loads as stored (see docs/quantization.md)")
+    add_model_options(p)
 
 
 def _add_image_opts(p: argparse.ArgumentParser) -> None:
@@ -70,12 +58,7 @@ def _text_kwargs(a: argparse.Namespace) -> dict:
 
 
 def _load(a: argparse.Namespace):
-    import torch
-
-    from cheers.pipeline import Cheers
-
-    return Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype),
-                                  compile=getattr(a, "compile", False), quantize=getattr(a, "quantize", None))
+    return load_pipeline(a)
 
 
 def _save_images(images, output: str, prefix: str) -> list[str]:
@@ -263,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_subcommand(sub)
     add_eval_subcommands(sub)
     add_serve_subcommand(sub)
+    add_merge_adapter_subcommand(sub)
     return p
 
 

@@ -125,9 +125,11 @@ class CheersConfig:
     tokens: TokenIds = field(default_factory=TokenIds)
     flow_loss_weight: float = 1.0
     name: str = "custom"
-    torch_dtype: str = "float32"  # the stored weights' dtype (config.json `torch_dtype`); "auto" loads in it on GPU
+    # the stored weights' dtype (config.json `torch_dtype`; "auto" loads in it on GPU): storage, not architecture,
+    # so two configs that differ only here compare equal
+    torch_dtype: str = field(default="float32", compare=False)
     # config.json `quantization_config` of a quantized checkpoint (cheers.quantize.record), else None
-    quantization: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = field(default=None, compare=False)
 
     # ---- derived geometry -------------------------------------------------------------------------------------
     @property

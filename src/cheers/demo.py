@@ -7,9 +7,20 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
+
+from cheers.options import add_model_options
 
 
-def run_demo(model_dir: str | None = None, out: str = "cheers-demo", seed: int = 0, steps: int | None = None) -> dict:
+def run_demo(model_dir: str | None = None, out: str = "cheers-demo", seed: int = 0, steps: int | None = None,
+             **load_kw: Any) -> dict:
+    """Every task once on `model_dir` (default: the embedded model); `load_kw` go to `Cheers.from_pretrained`."""
+    try:
+        import scipy  # noqa: F401  (the judges need the evaluation extra)
+        import sklearn  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"cheers demo judges its pictures with the evaluation extra ({err.name} is missing): "
+                           "pip install 'cheers[eval]'") from None
     from cheers.eval.digits import digit_eval_items, digit_judge
     from cheers.eval.harness import make_grid
     from cheers.eval.judge import score_answer, score_edit, score_generation
@@ -17,7 +28,7 @@ def run_demo(model_dir: str | None = None, out: str = "cheers-demo", seed: int =
     from cheers.pipeline import Cheers
 
     t0 = time.perf_counter()
-    c = Cheers.from_pretrained(model_dir)
+    c = Cheers.from_pretrained(model_dir, **load_kw)
     R = c.config.resolution
     items = eval_prompts(seed=seed, n=1, resolution=R)
     out_dir = Path(out)
@@ -90,8 +101,9 @@ def run_demo(model_dir: str | None = None, out: str = "cheers-demo", seed: int =
 def add_demo_subcommand(sub) -> None:
     p = sub.add_parser("demo", help="run the embedded model on every task -> ./cheers-demo/",
                        description=__doc__)
-    p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    add_model_options(p, compile=False)
     p.add_argument("-o", "--output", default="cheers-demo", help="output directory (default: ./cheers-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, questions and noise")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.set_defaults(func=lambda a: (run_demo(a.model, a.output, a.seed, a.steps), 0)[1])
+    p.set_defaults(func=lambda a: (run_demo(a.model, a.output, a.seed, a.steps, revision=a.revision,
+                                            dtype=a.dtype, device=a.device), 0)[1])

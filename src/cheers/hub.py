@@ -1,5 +1,6 @@
 """Models on the Hugging Face Hub: `resolve_model_dir` turns a local directory or a Hub repo id ("owner/name") into a
-local directory, and `push_to_hub` uploads a model directory.
+local directory (`resolve_adapter_dir` does the same for a PEFT LoRA adapter), and `push_to_hub` uploads a model
+directory.
 
 Downloads go through huggingface_hub's cache and fetch only what Cheers reads: config.json and the shard index
 first, then the shards the index names (or model.safetensors), the tokenizer files, generation_config.json and
@@ -45,6 +46,28 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
     if path.exists() or not isinstance(name_or_path, str) or not _is_repo_id(name_or_path):
         raise CheckpointError(f"{path}: not a directory")
     return _download_model(name_or_path, revision, cache_dir, local_files_only, token)
+
+
+def resolve_adapter_dir(name_or_path: str | os.PathLike, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None) -> Path:
+    """A local PEFT adapter directory for `name_or_path`: an existing directory as given, otherwise the Hub repo
+    of that id, of which only adapter_config.json and adapter_model.safetensors are downloaded (arguments as in
+    `resolve_model_dir`)."""
+    from cheers.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or not isinstance(name_or_path, str) or not _is_repo_id(name_or_path):
+        raise CheckpointError(f"{path}: not a directory")
+    snap = _snapshot(name_or_path, [ADAPTER_CONFIG, ADAPTER_WEIGHTS], revision, cache_dir, local_files_only, token,
+                     revision)
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (snap / f).is_file()]
+    if missing:
+        raise HubError(f"{_where(name_or_path, revision)}: no {' or '.join(missing)} in the repo (not a PEFT LoRA "
+                       "adapter)")
+    return snap
 
 
 def push_to_hub(local_dir: str | os.PathLike, repo_id: str, token: str | bool | None = None,

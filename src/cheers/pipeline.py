@@ -6,11 +6,8 @@ and unconditional rows in one forward per step with the image read once, and tex
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -18,16 +15,19 @@ import torch
 from PIL import Image
 
 from cheers import sampling as S
+from cheers.adapters import PipelineAdapters
 from cheers.checkpoint import CheckpointError, load_model, save_model
-from cheers.config import PRESETS, WEIGHT_DTYPES, CheersConfig, preset
+from cheers.config import PRESETS, CheersConfig, preset
 from cheers.decoding import OutputHead
+from cheers.defaults import (DType, ImageDefaults, TextDefaults, check_edit_start, read_defaults, resolve_dtype,
+                             stored_dtype, write_defaults)
 from cheers.hub import push_to_hub, resolve_model_dir
 from cheers.model.cheers import CheersModel
 from cheers.processor import dummy_image, load_image, preprocess_understanding, tensor_to_pil
 from cheers.quantize import QuantSpec, footprint
 from cheers.quantize import parse_spec as parse_quantize
 from cheers.quantize import random_model as random_quantized
-from cheers.samplers import SAMPLERS, evaluations, get_sampler
+from cheers.samplers import evaluations, get_sampler
 from cheers.tokenizer import CheersTokenizer
 
 ImageLike = Image.Image | str | os.PathLike | bytes
@@ -35,35 +35,6 @@ Message = Mapping[str, Any]
 
 # Where the embedded default model lives (trained by our own trainer; see recipes/cheers-shapes).
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "cheers-shapes"
-
-
-@dataclass
-class ImageDefaults:
-    """Sampling defaults: the reference demo's (w = 9.5, N = 80, a = 0.5) unless the model directory says otherwise."""
-
-    steps: int = 80
-    cfg_scale: float = 9.5
-    shift: float = 0.5
-    sampler: str = "euler"
-    edit_start: float = 0.1
-    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for lo <= t <= hi (t = 0 is noise)
-
-
-def check_edit_start(value: Any) -> float:
-    """An editing start time t0: a number in [0, 1) (t0 = 1 would leave no step to take)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < 1:
-        raise ValueError(f"edit_start must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-@dataclass
-class TextDefaults:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop_ids: tuple[int, ...] = ()  # besides the end-of-turn token: generation_config.json's eos ids
 
 
 OUTPUT_TYPES = ("pil", "latent")
@@ -83,22 +54,8 @@ def _as_list(x: Any) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-DType = torch.dtype | str | None
-
-
-def resolve_dtype(dtype: DType, device: torch.device, stored: str = "float32") -> torch.dtype:
-    """The dtype the weights are held and run in: float32 / bfloat16 / float16 (a torch.dtype or its name), or
-    "auto" / None = the checkpoint's `torch_dtype` on CUDA and float32 elsewhere (bf16 matmuls are slow on CPUs)."""
-    if dtype is None or dtype == "auto":
-        return getattr(torch, stored) if device.type == "cuda" else torch.float32
-    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    if name not in WEIGHT_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)} or 'auto'")
-    return getattr(torch, name)
-
-
-class Cheers:
-    """A loaded Cheers model with its tokenizer, ready for the four tasks."""
+class Cheers(PipelineAdapters):
+    """A loaded Cheers model with its tokenizer, ready for the four tasks (LoRA adapters: `PipelineAdapters`)."""
 
     def __init__(self, model: CheersModel, tokenizer: CheersTokenizer | None, device: str | torch.device = "cpu",
                  dtype: DType = None, image_defaults: ImageDefaults | None = None,
@@ -128,6 +85,7 @@ class Cheers:
                         dtype: DType = "auto", tokenizer: str | os.PathLike | None = None, compile: bool = False,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = False, token: str | bool | None = None,
+                        adapter: str | os.PathLike | None = None,
                         quantize: str | QuantSpec | None = None) -> "Cheers":
         """Load a model: a local directory (official format + tokenizer files), a Hugging Face Hub repo id
         (e.g. "ai9stars/Cheers"; downloads only the files the model needs, into the HF cache), the embedded
@@ -137,9 +95,10 @@ class Cheers:
         `dtype`: "auto" (the checkpoint's dtype on CUDA, float32 on CPU), "float32", "bfloat16" or "float16":
         the weights are held in it, with no float32 copy. `compile=True`: `OutputHead.compile` (faster decoding
         after a one-time compile). `revision`, `cache_dir`, `local_files_only`, `token`: as in huggingface_hub
-        (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are honoured). `quantize`: "int8", "int8-weight", "int4-weight"
-        or "fp8" (optionally with module patterns, see `cheers.quantize.parse_spec`): the linear layers are
-        quantized as they load; a quantized checkpoint loads as stored."""
+        (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are honoured). `adapter`: a PEFT LoRA adapter (directory or repo
+        id) applied on top, as the active adapter "default" (`load_adapter` adds more). `quantize`: "int8",
+        "int8-weight", "int4-weight" or "fp8" (optionally with module patterns, see `cheers.quantize.parse_spec`):
+        the linear layers are quantized as they load; a quantized checkpoint loads as stored."""
         device = torch.device(device)
         if name_or_path is None:
             if not (EMBEDDED_DIR / "config.json").exists():
@@ -153,12 +112,14 @@ class Cheers:
         else:
             path = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir,
                                      local_files_only=local_files_only, token=token)
-            stored = _stored_dtype(path)
+            stored = stored_dtype(path)
             model = load_model(path, dtype=resolve_dtype(dtype, device, stored), device=device, quantize=quantize)
             tok_dir = Path(tokenizer) if tokenizer else path
             tok = CheersTokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir) else None
             img_d, txt_d = read_defaults(path, model.config)
             pipe = cls(model, tok, device, dtype, img_d, txt_d, source=str(path))
+        if adapter is not None:
+            pipe.load_adapter(adapter, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         if compile:
             pipe.head.compile()
         return pipe
@@ -168,6 +129,7 @@ class Cheers:
         """Write a complete model directory that `from_pretrained` reloads with identical outputs: config.json
         (with the weights' real `torch_dtype`), sharded safetensors + index, tokenizer files,
         generation_config.json and preprocessor_config.json. `dtype` casts the stored weights (default: as held)."""
+        self._require_no_adapters("save_pretrained")
         directory = Path(directory)
         store = self.dtype if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
         save_model(self.model, directory, max_shard_bytes=max_shard_bytes, dtype=store)
@@ -177,9 +139,9 @@ class Cheers:
         return directory
 
     def push_to_hub(self, repo_id: str, token: str | None = None, revision: str | None = None,
-                    private: bool | None = None, commit_message: str = "Upload Cheers model") -> str:
-        """`save_pretrained` into a temporary directory, then upload it with huggingface_hub; returns the commit
-        URL."""
+                    private: bool | None = None, commit_message: str = "Upload Cheers model") -> Any:
+        """`save_pretrained` into a temporary directory, then upload it with huggingface_hub (creating the repo,
+        and the branch `revision`, when missing); returns huggingface_hub's `CommitInfo`."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -390,6 +352,7 @@ class Cheers:
         prefix = self._prefill(rows, self._latents(self._row_images(rows, [0] * len(rows), pixels)))
         return self.head.logits(prefix.last_hidden).float()
 
+    @torch.no_grad()
     def _generate_text(self, rows: list[list[int]], pixels: list[torch.Tensor], s: S.TextSampling,
                        stops: list[str], seeds: list[int]) -> Iterator[list[str]]:
         """Yield the full decoded text of every row after each step (stop strings applied)."""
@@ -400,8 +363,9 @@ class Cheers:
         generated: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         texts = [""] * len(rows)
-        for step in S.decode_tokens(self.model, prefix, s, prompt_ids=ids, head=self.head):
-            for i, tkn in enumerate(step.tolist()):
+        steps = S.decode_tokens(self.model, prefix, s, prompt_ids=ids, head=self.head)
+        for step in _to_host(steps, every=1 if self.device.type == "cpu" else 8):
+            for i, tkn in enumerate(step):
                 if done[i]:
                     continue
                 if tkn in s.stop_ids:
@@ -490,102 +454,30 @@ def describe(model: CheersModel, source: str, image_defaults: ImageDefaults | No
     }
 
 
+def _to_host(steps: Iterator[torch.Tensor], every: int) -> Iterator[list[int]]:
+    """Each step's ids as a list, copied from the device `every` steps at a time (one sync per copy: on a GPU a
+    sync per token would stall the queue of kernels)."""
+    pending: list[torch.Tensor] = []
+    for step in steps:
+        pending.append(step)
+        if len(pending) == every:
+            yield from torch.stack(pending).tolist()
+            pending = []
+    if pending:
+        yield from torch.stack(pending).tolist()
+
+
+@torch.no_grad()  # as a decorator it is scoped to each step: a suspended stream leaves the caller's mode alone
 def _pieces(steps: Iterator[list[str]]) -> Iterator[str]:
     sent = ""
-    with torch.no_grad():
-        for texts in steps:
-            text = texts[0]
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                continue
-            if len(text) > len(sent) and text.startswith(sent):
-                yield text[len(sent):]
-                sent = text
-    return
+    for texts in steps:
+        text = texts[0]
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            continue
+        if len(text) > len(sent) and text.startswith(sent):
+            yield text[len(sent):]
+            sent = text
 
 
 def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or ((path / "vocab.json").exists() and (path / "merges.txt").exists())
-
-
-def _read_json(f: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{f}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{f}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _stored_dtype(path: Path) -> str:
-    """config.json's `torch_dtype` (validated when the config itself is read)."""
-    f = path / "config.json"
-    return str(_read_json(f).get("torch_dtype", "float32")) if f.exists() else "float32"
-
-
-# generation_config.json's standard (transformers) fields -> TextDefaults fields
-_STANDARD_TEXT_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                         "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_new_tokens"}
-
-
-def read_defaults(path: Path, config: CheersConfig) -> tuple[ImageDefaults, TextDefaults]:
-    """Sampling defaults of a model directory. Text: the standard fields of generation_config.json (temperature,
-    top_k, top_p, repetition_penalty, do_sample, eos_token_id: every listed id stops a reply), then its optional
-    `cheers.text` section; images: the reference demo's settings unless `cheers.image` says otherwise. A
-    preprocessor_config.json `scale_resolution` must match the model's resolution."""
-    img, txt = ImageDefaults(), TextDefaults()
-    f = path / "generation_config.json"
-    if f.exists():
-        data = _read_json(f)
-        std = {ours: data[key] for key, ours in _STANDARD_TEXT_FIELDS.items() if data.get(key) is not None}
-        if data.get("do_sample") is False:
-            std["temperature"] = 0.0  # transformers decodes greedily whatever the temperature says
-        eos = data.get("eos_token_id")
-        if eos is not None:
-            ids = eos if isinstance(eos, list) else [eos]
-            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.text.vocab_size
-                       for i in ids):
-                raise CheckpointError(f"{f}: eos_token_id {eos!r}: expected token ids below {config.text.vocab_size}")
-            std["stop_ids"] = tuple(dict.fromkeys(ids))
-        ours = data.get("cheers", {})
-        img = replace(img, **{k: v for k, v in ours.get("image", {}).items() if hasattr(img, k)})
-        try:  # both checks' messages start with the field's name
-            img.cfg_interval = S.guidance_interval(img.cfg_interval)  # JSON gives a list
-            img.edit_start = check_edit_start(img.edit_start)
-        except ValueError as err:
-            raise CheckpointError(f"{f}: cheers.image.{err}") from None
-        if img.sampler not in SAMPLERS:
-            raise CheckpointError(f"{f}: cheers.image.sampler '{img.sampler}': expected one of {', '.join(SAMPLERS)}")
-        txt = replace(txt, **std)
-        txt = replace(txt, **{k: v for k, v in ours.get("text", {}).items() if hasattr(txt, k) and k != "stop_ids"})
-        for field in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(txt, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise CheckpointError(f"{f}: {field} {value!r}: expected a number >= 0")
-        for field in ("top_k", "max_new_tokens"):
-            value = getattr(txt, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise CheckpointError(f"{f}: {field} {value!r}: expected an integer >= 0")
-    pre = path / "preprocessor_config.json"
-    if pre.exists():
-        res = _read_json(pre).get("scale_resolution")
-        if res is not None and res != config.resolution:
-            raise CheckpointError(f"{pre}: scale_resolution {res!r} differs from the model's resolution "
-                                  f"{config.resolution} (config.json vision image_size)")
-    return img, txt
-
-
-def write_defaults(directory: Path, img: ImageDefaults, txt: TextDefaults, config: CheersConfig) -> None:
-    """generation_config.json (standard fields + our `cheers` section) and preprocessor_config.json, as
-    `read_defaults` reads them back."""
-    tk = config.tokens
-    gen = {
-        "bos_token_id": tk.pad, "pad_token_id": tk.pad, "eos_token_id": list(dict.fromkeys((tk.chat_end, *txt.stop_ids))),
-        "do_sample": txt.temperature > 1e-6, "temperature": txt.temperature, "top_k": txt.top_k, "top_p": txt.top_p,
-        "repetition_penalty": txt.repetition_penalty, "max_new_tokens": txt.max_new_tokens,
-        "cheers": {"image": {**vars(img), "cfg_interval": list(img.cfg_interval)}},
-    }
-    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-    pre = {"image_processor_type": "UMMImageProcessor", "processor_class": "UMMProcessor",
-           "scale_resolution": config.resolution, "patch_size": config.vision.patch_size}
-    (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n", encoding="utf-8")

@@ -16,7 +16,7 @@ import torch
 from cheers.decoding import OutputHead
 from cheers.model.cheers import CheersModel
 from cheers.model.qwen2 import KVCache
-from cheers.samplers import SAMPLERS, evaluations, get_sampler  # noqa: F401 (SAMPLERS, evaluations re-exported)
+from cheers.samplers import get_sampler
 
 @dataclass
 class Prefix:
@@ -272,7 +272,12 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
     if speculate > 0 and B == 1 and s.temperature <= 1e-6 and s.repetition_penalty == 1.0 and logits_hook is None:
         yield from _greedy_with_lookup(model, head, prefix, s, prompt_ids, speculate)
         return
-    gen = torch.Generator(device="cpu").manual_seed(s.seed) if s.seed is not None else None
+    # sampling stays on the device (no copy of the vocabulary-sized distribution to the host); on CPU this is
+    # the same generator as before, so seeded CPU samples are unchanged
+    gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
+    # a host sync per token stalls a GPU: there, finished rows are checked every few tokens (rows that stopped
+    # keep yielding their stop id, which callers skip)
+    check_every = 1 if device.type == "cpu" else 8
     seen = None
     if s.repetition_penalty != 1.0:
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
@@ -285,7 +290,7 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
     # plain greedy never needs the logits in memory: the head and the argmax run as one step
     fused_greedy = s.temperature <= 1e-6 and seen is None and logits_hook is None
     nxt_greedy = head.greedy(hidden) if fused_greedy else None
-    for _ in range(s.max_new_tokens):
+    for step in range(s.max_new_tokens):
         if fused_greedy:
             nxt = nxt_greedy
         else:
@@ -297,19 +302,19 @@ def decode_tokens(model: CheersModel, prefix: Prefix, s: TextSampling, prompt_id
                 nxt = logits.argmax(-1)
             else:
                 probs = logits.softmax(-1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(device)
-        if B > 1 and s.stop_ids:
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        if s.stop_ids and (B > 1 or check_every > 1):
             nxt = torch.where(done, stop[0].expand_as(nxt), nxt)
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
         yield nxt
         if s.stop_ids:  # (without stop ids no row ever finishes early: spare the per-token checks)
-            if B == 1:
+            if B == 1 and check_every == 1:
                 if int(nxt) in s.stop_ids:
                     return
             else:
                 done |= torch.isin(nxt, stop)
-                if bool(done.all()):
+                if (step + 1) % check_every == 0 and bool(done.all()):
                     return
         if fused_greedy:
             mask = _step_mask(prefix, 1, causal=True)

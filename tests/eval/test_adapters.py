@@ -165,3 +165,44 @@ def test_cli_registers_and_runs(tmp_path, monkeypatch, capsys):
     (prompts / "x.txt").write_text("A star.")
     a = p.parse_args(["eval", "dpg", "--prompts", str(prompts), "--out", str(tmp_path / "dpg")])
     assert run_eval(a, model=SolidColors(8)) == 0 and (tmp_path / "dpg" / "x.png").exists()
+
+
+def _cli() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_eval_subcommands(p.add_subparsers())
+    return p
+
+
+class RecordingModel(SolidColors):
+    def __init__(self):
+        super().__init__(8)
+        self.kw: list[dict] = []
+
+    def generate_image(self, prompts, seed=0, **kw):
+        self.kw.append(kw)
+        return super().generate_image(prompts, seed=seed)
+
+
+def test_geneval_and_dpg_sample_as_the_reference_scripts(tmp_path):
+    """GenEval: raw prompts, cfg 9.5, 80 Euler steps, shift 1.0 (the `generate` default); DPG: 250 steps, shift 0.5;
+    guidance at every step. Command-line flags override the preset."""
+    md = tmp_path / "m.jsonl"
+    md.write_text(json.dumps({"tag": "single_object", "prompt": "a photo of a bench"}) + "\n")
+    model = RecordingModel()
+    a = _cli().parse_args(["eval", "geneval", "--metadata", str(md), "--out", str(tmp_path / "g"), "--n-samples", "1"])
+    assert run_eval(a, model=model) == 0
+    assert model.prompts == ["a photo of a bench"]  # no instruction suffix added
+    assert model.kw[-1] == {"steps": 80, "cfg_scale": 9.5, "shift": 1.0, "sampler": "euler", "cfg_interval": (0.0, 1.0)}
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "x.txt").write_text("A star.")
+    a = _cli().parse_args(["eval", "dpg", "--prompts", str(prompts), "--out", str(tmp_path / "d"), "--n-samples", "1",
+                           "--shift", "0.7", "--dtype", "bfloat16", "--device", "cpu"])
+    assert (a.dtype, a.device) == ("bfloat16", "cpu")
+    assert run_eval(a, model=model) == 0
+    assert model.prompts[-1] == "A star."
+    assert model.kw[-1] == {"steps": 250, "cfg_scale": 9.5, "shift": 0.7, "sampler": "euler", "cfg_interval": (0.0, 1.0)}
+    a = _cli().parse_args(["eval", "dpg", "--prompts", str(prompts), "--out", str(tmp_path / "e"), "--n-samples", "1",
+                           "--prompt-template", "{prompt} Draw it."])
+    run_eval(a, model=model)
+    assert model.prompts[-1] == "A star. Draw it."

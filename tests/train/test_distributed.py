@@ -222,3 +222,31 @@ def test_ddp_kill_after_checkpoint_then_resume(setup_dir, ddp_run):
     got = _steps(out)
     worst = _compare(got, ddp_run, range(3, STEPS + 1), 1e-6, 1e-6)
     print("ddp resumed vs uninterrupted, max relative error:", worst)
+
+
+def test_fsdp2_loads_an_official_model_shard_by_shard_and_matches_one_process(setup_dir, tmp_path):
+    """FSDP2 from `model.init` = an official directory: the model is built on the meta device, sharded, and each
+    rank reads only its own shards (the log names the sharded load); the losses equal one process loading the
+    directory whole."""
+    from cheers.checkpoint import save_model
+    from cheers.config import preset
+    from cheers.model.cheers import CheersModel
+    from cheers.tokenizer import CheersTokenizer
+
+    tok = CheersTokenizer.from_dir(setup_dir / "tok")
+    cfg = preset("cheers-tiny")
+    cfg.tokens = tok.token_ids
+    cfg.text.vocab_size = max(cfg.text.vocab_size, tok.vocab_size)
+    torch.manual_seed(3)
+    init = tmp_path / "init"
+    save_model(CheersModel(cfg.validate()), init, max_shard_bytes=2_000_000)  # several shards + an index
+    overrides = (f"model.init={init}", "model.preset=null", "steps=2", "ckpt.interval=0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(_cmd(setup_dir, one, 1, *overrides))
+    _run(_cmd(setup_dir, two, 2, *overrides, "micro_batch_size=1", "distributed.strategy=fsdp2"))
+    a, b = _steps(one), _steps(two)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= LOSS_RTOL * abs(a[step]["loss"]), (step, a[step], b[step])
+    starts = [r for r in _records(two) if r["event"] in ("start", "run")]
+    assert any("sharded load per rank" in json.dumps(r) for r in starts), starts

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,10 +33,34 @@ from cheers.eval.shapes import eval_prompts
 from cheers.shapes.datasets import GEN_SUFFIX
 from cheers.shapes.samples import MCQ_SUFFIX
 
-__all__ = ["GEN_TEMPLATE", "MCQ_SUFFIX", "geneval_write", "geneval_score", "write_geneval_metadata", "dpg_write",
+__all__ = ["GEN_TEMPLATE", "RAW_TEMPLATE", "EVAL_PRESETS", "BenchmarkPreset", "MCQ_SUFFIX", "geneval_write", "geneval_score", "write_geneval_metadata", "dpg_write",
            "mcq_answer", "sample_grid", "read_mmbench_tsv"]
 
 GEN_TEMPLATE = "{prompt}" + GEN_SUFFIX  # the training format of ShapesWorld / the official t2i samples
+RAW_TEMPLATE = "{prompt}"
+
+
+@dataclass(frozen=True)
+class BenchmarkPreset:
+    """How the reference's evaluation scripts sample a benchmark (its GenEval script passes no shift, so the
+    `generate` default of 1.0 applies; prompts go in as written, with guidance at every Euler step)."""
+
+    steps: int
+    cfg_scale: float
+    shift: float
+    prompt_template: str = RAW_TEMPLATE
+    sampler: str = "euler"
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+
+    def sampling(self) -> dict[str, Any]:
+        return {"steps": self.steps, "cfg_scale": self.cfg_scale, "shift": self.shift, "sampler": self.sampler,
+                "cfg_interval": self.cfg_interval, "prompt_template": self.prompt_template}
+
+
+EVAL_PRESETS = {
+    "geneval": BenchmarkPreset(steps=80, cfg_scale=9.5, shift=1.0),
+    "dpg": BenchmarkPreset(steps=250, cfg_scale=9.5, shift=0.5),
+}
 
 
 def sample_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:

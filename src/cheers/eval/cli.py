@@ -6,19 +6,22 @@ import argparse
 import json
 from typing import Any
 
+from cheers.options import add_model_options, load_pipeline
+
 __all__ = ["add_eval_subcommands", "run_eval", "load_model"]
 
 BENCHMARKS = ("shapes", "digits", "geneval", "dpg", "mcq")
 
 
-def _common(p: argparse.ArgumentParser, out_help: str, out_default: str | None) -> None:
-    p.add_argument("--model", default=None, help="model directory (official format + tokenizer) or preset name")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the pipeline's)")
+def _common(p: argparse.ArgumentParser, out_help: str, out_default: str | None, preset: str | None = None) -> None:
+    add_model_options(p, compile=False, device_default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the items and of image sampling (default 0)")
     p.add_argument("--batch", type=int, default=8, help="inputs per model call (default 8)")
     p.add_argument("--out", default=out_default, required=out_default is None, help=out_help)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    default = f"the {preset} preset's" if preset else "the model's"
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {default})")
+    p.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default: {default})")
+    p.add_argument("--shift", type=float, default=None, help=f"time shift of the sampling grid (default: {default})")
 
 
 def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
@@ -38,17 +41,22 @@ def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=50, help="generation prompts and questions (default 50 each)")
     d.add_argument("--resolution", type=int, default=None, help="image resolution (default: the model's)")
 
-    g = sub.add_parser("geneval", help="write images in GenEval's folder layout")
-    _common(g, "output folder (00000/metadata.jsonl, 00000/samples/0000.png, ...)", None)
+    g = sub.add_parser("geneval", help="write images in GenEval's folder layout (the reference's GenEval settings)")
+    _common(g, "output folder (00000/metadata.jsonl, 00000/samples/0000.png, ...)", None, "geneval")
     g.add_argument("--metadata", required=True, help="GenEval evaluation_metadata.jsonl")
     g.add_argument("--n-samples", type=int, default=4, help="images per prompt (default 4)")
     g.add_argument("--score", action="store_true", help="also score the folder with the ShapesWorld judge "
                                                         "(for ShapesWorld metadata only)")
 
-    q = sub.add_parser("dpg", help="write DPG-Bench images (one 2x2 grid PNG per prompt file)")
-    _common(q, "output folder", None)
+    q = sub.add_parser("dpg", help="write DPG-Bench images (one 2x2 grid PNG per prompt file; the reference's "
+                                   "DPG settings)")
+    _common(q, "output folder", None, "dpg")
     q.add_argument("--prompts", required=True, help="folder of <name>.txt prompts")
     q.add_argument("--n-samples", type=int, default=4, help="images per prompt (default 4, a 2x2 grid)")
+    for sp in (g, q):
+        sp.add_argument("--prompt-template", default=None,
+                        help="how each prompt is written, with {prompt} (default: the prompt as given, as the "
+                             "reference's scripts do)")
 
     m = sub.add_parser("mcq", help="answer an MMBench-format TSV")
     _common(m, "predictions file (.tsv, or .csv)", None)
@@ -63,19 +71,20 @@ def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def load_model(args: argparse.Namespace) -> Any:
-    """`cheers.pipeline.Cheers.from_pretrained(args.model)` (imported lazily)."""
-    from cheers.pipeline import Cheers
-
-    kw = {"device": args.device} if getattr(args, "device", None) else {}
-    return Cheers.from_pretrained(args.model, **kw)
+    """`Cheers.from_pretrained` with the model options (imported lazily)."""
+    return load_pipeline(args)
 
 
-def _gen_kw(args: argparse.Namespace) -> dict[str, Any]:
-    kw = {}
-    if getattr(args, "steps", None) is not None:
-        kw["steps"] = args.steps
-    if getattr(args, "cfg", None) is not None:
-        kw["cfg_scale"] = args.cfg
+def _gen_kw(args: argparse.Namespace, preset: str | None = None) -> dict[str, Any]:
+    """Sampling settings: the benchmark's preset (the reference's own settings), then what the command line says."""
+    kw: dict[str, Any] = {}
+    if preset:
+        from cheers.eval.adapters import EVAL_PRESETS
+
+        kw.update(EVAL_PRESETS[preset].sampling())
+    for flag, key in (("steps", "steps"), ("cfg", "cfg_scale"), ("shift", "shift")):
+        if getattr(args, flag, None) is not None:
+            kw[key] = getattr(args, flag)
     return kw
 
 
@@ -86,7 +95,10 @@ def run_eval(args: argparse.Namespace, model: Any = None) -> int:
         raise ValueError(f"choose a benchmark: {', '.join(BENCHMARKS)}")
     if model is None:
         model = load_model(args)
-    gen_kw = _gen_kw(args)
+    gen_kw = _gen_kw(args, cmd if cmd in ("geneval", "dpg") else None)
+    template = getattr(args, "prompt_template", None)
+    if template is not None:
+        gen_kw["prompt_template"] = template
     if cmd == "shapes":
         from cheers.eval.harness import evaluate_shapes
 

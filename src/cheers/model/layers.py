@@ -48,6 +48,9 @@ def attention(
     if q.shape[2] == 1:
         return _single_query_attention(q, k, v, mask)
     if k.shape[1] != q.shape[1]:
+        if q.is_cuda:  # the fused GPU kernels read the grouped K/V directly: no expanded copy
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                                  enable_gqa=True)
         # Expanding KV is cheaper than SDPA's enable_gqa path on CPU for the short sequences we run.
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+from cheers.options import add_model_options, load_pipeline
 from cheers.serve.context import default_model_name
 from cheers.serve.deps import require, require_all
 from cheers.serve.runner import warm_up
@@ -35,13 +36,7 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         "serve", help="OpenAI-style HTTP API with batching and a web demo page",
         description="Serve the model over HTTP: /v1/chat/completions, /v1/images/generations, /v1/images/edits, "
                     "/v1/models, /v1/stats, /health, and a demo page at /.")
-    p.add_argument("--model", default=None, help="model directory or preset name; default: the embedded model")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype; bf16/fp16 run through autocast on GPU only (default: float32)")
-    p.add_argument("--quantize", default=None, metavar="MODE[:PATTERNS]",
-                   help="quantize the linear layers as they load: int8, int8-weight (CPU and GPU), int4-weight, fp8 "
-                        "(CUDA); a quantized checkpoint loads as stored (see docs/quantization.md)")
+    add_model_options(p, compile=False)
     p.add_argument("--host", default=d.host, help=f"address to bind (default: {d.host}, this machine only)")
     p.add_argument("--port", type=int, default=d.port, help=f"port (default: {d.port})")
     p.add_argument("--api-key", default=None,
@@ -100,11 +95,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     require_all()
     import torch
 
-    from cheers.pipeline import Cheers
-
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    model = Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype), quantize=a.quantize)
+    model = load_pipeline(a)
     if settings.warmup:
         warm_up(model)
     name = settings.model_name or default_model_name(model)

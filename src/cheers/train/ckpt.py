@@ -168,6 +168,16 @@ def resolve_training_checkpoint(path: str | os.PathLike) -> Path | None:
 # ---- saving -----------------------------------------------------------------------------------------------------
 
 
+def _without_frozen(model: nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """The state dict without frozen parameters under any of their names (torch's `ignore_frozen_params` keeps
+    the second name of a tied weight, e.g. `lm_head.weight`); buffers stay."""
+    from cheers.train.distributed import unwrap
+
+    frozen = {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}
+
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -202,11 +212,13 @@ def save_checkpoint(
     pause_before_commit: float = 0.0,
     on_staged: Callable[[Path], None] | None = None,
     ema: dict[str, torch.Tensor] | None = None,
+    frozen: bool = True,
 ) -> Path:
     """Save model + optimizer (DCP) and this rank's `trainer_state`, atomically. Collective: every rank calls it.
 
     `write_files(tmp_dir)` (rank 0) adds side files (config, tokenizer). `ema` (parameter name -> averaged weight)
-    is saved under the key "ema". `keep` > 0 prunes older step
+    is saved under the key "ema". `frozen=False` leaves the frozen parameters out (a LoRA run: its base comes
+    from `model.init` on resume, only the adapters are saved). `keep` > 0 prunes older step
     directories. `pause_before_commit` / `on_staged` exist for crash tests (a kill between staging and commit).
     """
     ckpt_dir = Path(ckpt_dir)
@@ -220,6 +232,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier(info)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if not frozen:
+        model_sd = _without_frozen(model, model_sd)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = ema
@@ -266,11 +280,12 @@ def has_ema(path: str | os.PathLike) -> bool:
 
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo,
-    ema: dict[str, torch.Tensor] | None = None,
+    ema: dict[str, torch.Tensor] | None = None, frozen: bool = True,
 ) -> dict[str, Any]:
     """Load model + optimizer into the (wrapped) model and return this rank's trainer state. `ema` (parameter
     name -> tensor, e.g. `WeightEMA.state_dict()`) is filled in place from the checkpoint's averaged weights; the
-    caller checks `has_ema` first."""
+    caller checks `has_ema` first. `frozen=False`: the checkpoint holds only the trainable parameters (as
+    `save_checkpoint(frozen=False)` writes them)."""
     path = Path(path)
     state_file = path / f"trainer_state_rank{info.rank}.json"
     if not state_file.is_file():
@@ -280,10 +295,16 @@ def load_checkpoint(
             f"this run has {info.world_size}); resume with the same number of processes"
         )
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if not frozen:
+        model_sd = _without_frozen(model, model_sd)
     # Trainable parameters that never received a gradient before the save (e.g. a module no batch used) have no
     # AdamW state in the checkpoint; get_state_dict just created zero state for them. Drop those entries so the
     # loaded optimizer matches the saved one exactly (AdamW skips parameters without gradient either way).
     saved = saved_keys(path)
+    absent = [k for k in model_sd if f"model.{k}" not in saved]
+    if absent:
+        raise TrainCheckpointError(f"{path}: no weights for {len(absent)} model tensor(s) of this run, e.g. "
+                                   f"{absent[0]} (written by a run with other trainable parameters or lora settings)")
     for fqn in list(optim_sd.get("state", {})):
         if not any(k.startswith(f"optim.state.{fqn}.") for k in saved):
             del optim_sd["state"][fqn]
@@ -327,9 +348,13 @@ def load_checkpoint_model(step: str | os.PathLike, ema: bool = False) -> nn.Modu
     from cheers.train.settings import read_raw
 
     train_cfg = Path(step) / "train_config.yaml"
-    if train_cfg.is_file() and read_raw(train_cfg).get("kind") == "vision":
+    raw = read_raw(train_cfg) if train_cfg.is_file() else {}
+    if raw.get("kind") == "vision":
         raise TrainCheckpointError(f"{step} is a vision-pretraining checkpoint (its weights hold a text tower); start "
                                    f"from that run's export/ directory instead")
+    if raw.get("lora"):
+        raise TrainCheckpointError(f"{step} is a LoRA run's checkpoint (adapters only); start from its base merged "
+                                   "with the run's adapter: cheers merge-adapter BASE RUN/adapter OUT")
     model = CheersModel(CheersConfig.from_json_file(Path(step) / "config.json"))
     load_model_weights(step, model)
     if ema:
@@ -357,9 +382,11 @@ def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor
 
 
 def export_model(model: nn.Module, base: nn.Module, out_dir: str | os.PathLike, info: DistInfo,
-                 tokenizer: Any = None) -> Path | None:
+                 tokenizer: Any = None,
+                 state_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> Path | None:
     """Write an official-format model directory (config.json + safetensors) plus the tokenizer, atomically
-    (staged in `<out_dir>.tmp`, then swapped in). `base` is the unwrapped model. Collective."""
+    (staged in `<out_dir>.tmp`, then swapped in). `base` is the unwrapped model. `state_fn` maps the model's
+    full state dict to the official one that is written (e.g. adapters merged in). Collective."""
     from cheers.checkpoint import save_model
     from cheers.model.cheers import CheersModel
 
@@ -367,6 +394,8 @@ def export_model(model: nn.Module, base: nn.Module, out_dir: str | os.PathLike, 
     full = full_model_state(model, info)
     result = None
     if info.is_main:
+        if state_fn is not None:
+            full = state_fn(full if full is not None else base.state_dict())
         if full is not None:
             with torch.device("meta"):
                 target = CheersModel(base.config)

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from cheers.checkpoint import TIED_EMBED, TIED_HEAD, CheckpointError, read_tensor, tensor_files
 
 
 @dataclass
@@ -125,8 +128,16 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def wrap(model: nn.Module, info: DistInfo, reshard_after_forward: bool = True) -> nn.Module:
-    """Wrap a CheersModel for the effective strategy (no-op for a single process)."""
+def wrap(model: nn.Module, info: DistInfo, reshard_after_forward: bool = True, bf16: bool = False,
+         init_dir: str | os.PathLike | None = None,
+         init_extra: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Wrap a CheersModel for the effective strategy (no-op for a single process).
+
+    FSDP2: `bf16` (CUDA only) computes in bfloat16 through a `MixedPrecisionPolicy` (float32 master weights and
+    gradient reduction). A model built on the meta device (`init_dir` given) is sharded first and then filled
+    from `init_dir` one tensor at a time, each rank keeping only its own shards (`load_sharded`): no rank ever
+    holds the full float32 model. `init_extra` (name -> full tensor) fills the parameters the directory does not
+    hold (a LoRA run's adapters)."""
     if not info.distributed:
         return model
     if info.strategy == "ddp":
@@ -138,15 +149,55 @@ def wrap(model: nn.Module, info: DistInfo, reshard_after_forward: bool = True) -
         )
     if info.strategy == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         ignored = set(model.model.vae_model.parameters())
+        policy = MixedPrecisionPolicy()
+        if bf16 and info.device.type == "cuda":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for unit in _fsdp_units(model):
-            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored,
+                    mp_policy=policy)
+        if init_dir is not None:
+            model.to_empty(device=info.device)
+            load_sharded(model, init_dir, init_extra)
         return model
     raise ValueError(f"unknown distributed strategy '{info.strategy}'")
+
+
+def load_sharded(model: nn.Module, directory: str | os.PathLike,
+                 extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Fill a sharded (FSDP2) model, materialized with `to_empty`, from an official weight directory: each tensor
+    is read whole, one at a time, and each rank keeps its own shard of it (float32). `extra` (name -> full tensor)
+    supplies parameters the directory does not hold; a LoRA-adapted layer reads its `base_layer` from the
+    directory under the layer's own name."""
+    owner = tensor_files(directory)
+    tied = model.config.text.tie_word_embeddings
+    extra = extra or {}
+    with torch.no_grad():
+        for name, target in list(model.named_parameters()) + list(model.named_buffers()):
+            if name in extra:
+                full = extra[name].clone()
+            else:
+                key = name.replace(".base_layer.", ".")
+                key = TIED_EMBED if (key == TIED_HEAD and tied) else key
+                if key not in owner:
+                    raise CheckpointError(f"{directory}: no tensor '{key}' for the sharded load")
+                full = read_tensor(owner[key], key)
+            full = full.to(dtype=target.dtype if full.is_floating_point() else full.dtype)
+            if isinstance(target, DTensor):
+                shard = distribute_tensor(full.to(target.device), target.device_mesh, target.placements,
+                                          src_data_rank=None)  # every rank has read the same tensor
+                target.to_local().copy_(shard.to_local())
+            else:
+                target.copy_(full.to(target.device))
+            del full
+    if tied:
+        head, embed = model.lm_head.weight, model.model.language_model.embed_tokens.weight
+        if head is not embed:
+            raise CheckpointError("the sharded model lost its tied output head (lm_head is not the embedding)")
 
 
 def _no_buffer_sync() -> dict:

@@ -36,6 +36,7 @@ from cheers.train.run import (
     grad_sync_context,
     load_tokenizer,
     set_activation_checkpointing,
+    sharded_init,
 )
 from cheers.train.settings import TrainConfig, TrainConfigError
 
@@ -290,11 +291,22 @@ class FlowTrainer(RunBase):
         self.tokenizer = load_tokenizer(cfg)
         self.base, origin = build_model(cfg, self.tokenizer, self.info)
         set_activation_checkpointing(self.base, cfg.model.activation_checkpointing)
-        self.trainable, self.frozen = select_trainable(self.base, cfg.trainable.include, cfg.trainable.exclude)
+        self.lora_config, lora_init = None, None
+        if cfg.lora is not None:
+            from cheers.train.lora import attach_lora
+
+            self.lora_config, lora_init = attach_lora(self.base, cfg)
+            n_layers = sum(1 for n, _ in self.base.named_parameters() if ".lora_A." in n)
+            origin += f", LoRA rank {cfg.lora.rank} on {n_layers} linear layers (base frozen)"
+            self.trainable = [n for n, p in self.base.named_parameters() if p.requires_grad]
+            self.frozen = [n for n, p in self.base.named_parameters() if not p.requires_grad]
+        else:
+            self.trainable, self.frozen = select_trainable(self.base, cfg.trainable.include, cfg.trainable.exclude)
         if any(n.startswith("model.vae_model.") for n in self.trainable):
             raise TrainConfigError("stages >= 1 never train the VAE (model.vae_model.*): add it to trainable.exclude")
         self.base.model.vae_model.eval()  # frozen encoder: no running statistics anywhere, but keep it explicit
-        self.model = wrap(self.base, self.info, cfg.distributed.reshard_after_forward)
+        self.model = wrap(self.base, self.info, cfg.distributed.reshard_after_forward, bf16=cfg.model.bf16_autocast,
+                          init_dir=sharded_init(cfg, self.info), init_extra=lora_init)
         self._setup_optimizer(self.model)
         mcfg = self.base.config
         self.n_img_tokens = mcfg.num_image_tokens

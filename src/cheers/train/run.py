@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cheers.checkpoint import load_model
-from cheers.config import preset
+from cheers.config import CheersConfig, preset
 from cheers.model.cheers import CheersModel
 from cheers.tokenizer import CheersTokenizer
 from cheers.train import ckpt as ckpt_io
@@ -121,6 +121,17 @@ def init_weights(model: nn.Module, std: float) -> None:
                 nn.init.normal_(mod.weight, 0.0, std)
 
 
+def sharded_init(cfg: TrainConfig, info: DistInfo) -> Path | None:
+    """The official model directory FSDP2 loads shard by shard (after wrapping), or None (the model is loaded
+    whole by `build_model`)."""
+    if not (cfg.model.init and info.distributed and info.strategy == "fsdp2"):
+        return None
+    p = Path(cfg.model.init)
+    if (p / "config.json").is_file() and ckpt_io.resolve_training_checkpoint(p) is None:
+        return p
+    return None
+
+
 def build_model(cfg: TrainConfig, tokenizer, info: DistInfo) -> tuple[nn.Module, str]:
     """The CheersModel to train (float32, on the run's device) and a description of where it came from."""
     torch.manual_seed(cfg.seed)  # identical from-scratch init on every rank
@@ -128,7 +139,11 @@ def build_model(cfg: TrainConfig, tokenizer, info: DistInfo) -> tuple[nn.Module,
     if init:
         p = Path(init)
         step = ckpt_io.resolve_training_checkpoint(p)
-        if (p / "config.json").is_file() and step is None:
+        if sharded_init(cfg, info) is not None:
+            with torch.device("meta"):  # `distributed.wrap` shards it, then each rank loads its own shards
+                model = CheersModel(CheersConfig.from_json_file(p / "config.json"))
+            origin = f"official model directory {p} (sharded load per rank)"
+        elif (p / "config.json").is_file() and step is None:
             model = load_model(p)
             origin = f"official model directory {p}"
         elif step is not None:
@@ -163,7 +178,8 @@ def build_model(cfg: TrainConfig, tokenizer, info: DistInfo) -> tuple[nn.Module,
         model.config.head.high_frequency_gate = bool(cfg.model.high_frequency_gate)
         model.model.hi_gate.enabled = bool(cfg.model.high_frequency_gate)
         origin += f", high-frequency gate {'on' if cfg.model.high_frequency_gate else 'OFF (ablation)'}"
-    model = model.float().to(info.device)
+    if not model.lm_head.weight.is_meta:
+        model = model.float().to(info.device)
     if use_channels_last(cfg, info):
         # Only the trained convolution stack: the frozen VAE encoder stays contiguous. On a constant picture
         # (the black dummy image) GroupNorm divides by ~sqrt(eps), so rounding differences of the memory format
@@ -303,7 +319,7 @@ class RunBase:
             pause_before_commit=dbg.ckpt_pause_seconds
             if dbg.ckpt_pause_at_step is None or dbg.ckpt_pause_at_step == self.step else 0.0,
             on_staged=lambda p: self.log.event("checkpoint_staged", step=self.step, path=str(p)),
-            ema=self.ema.state_dict() if self.ema is not None else None,
+            ema=self.ema.state_dict() if self.ema is not None else None, frozen=self.cfg.lora is None,
         )
         self.log.event("checkpoint", step=self.step, path=str(path))
         return path
@@ -311,7 +327,7 @@ class RunBase:
     def load(self, path: Path) -> None:
         with_ema = self.ema is not None and ckpt_io.has_ema(path)
         state = ckpt_io.load_checkpoint(path, self.model, self.optimizer, self.info,
-                                        ema=self.ema.state_dict() if with_ema else None)
+                                        ema=self.ema.state_dict() if with_ema else None, frozen=self.cfg.lora is None)
         self.restore_trainer_state(state)
         self.log.event("resume", step=self.step, path=str(path))
         if self.ema is not None and not with_ema:
@@ -319,6 +335,10 @@ class RunBase:
             self.log.event("ema_start", step=self.step, detail="the checkpoint has no EMA; averaging from here")
 
     def export(self) -> Path | None:
+        if self.cfg.lora is not None:
+            from cheers.train.lora import export_lora
+
+            return export_lora(self)
         path = ckpt_io.export_model(self.model, self.base, self.out / "export", self.info, self.tokenizer)
         self.log.event("export", step=self.step, path=str(path))
         if self.ema is not None and self.cfg.ema.export:

@@ -145,6 +145,28 @@ class VisionSection:
 
 
 @dataclass
+class LoRASection:
+    """Low-rank adapters (peft LoRA) on a frozen base model instead of training its weights (kind flow only).
+
+    With a `lora:` block every base parameter stays frozen and `trainable` is not read: only the adapters of the
+    layers `targets` selects train. Targets are `nn.Linear` layers, by group name (llm = the LLM's attention and
+    MLP projections, llm_attention, llm_mlp, flow_head, vit, projectors) or by module-name pattern (fnmatch, or
+    `re:<regex>`), e.g. `model.gen_projector.diffusion_head_a.*.attn.*`. The run exports `<output_dir>/adapter`
+    in PEFT's format (adapter_config.json + adapter_model.safetensors); training checkpoints hold only the
+    adapters and their optimizer state."""
+
+    rank: int = 16
+    alpha: float = 32.0  # the update B @ A is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    dropout: float = 0.0  # dropout on the adapters' input
+    rslora: bool = False
+    targets: list[str] = field(default_factory=lambda: ["llm"])
+    exclude: list[str] = field(default_factory=list)  # module-name patterns removed from the targets
+    # also write <output_dir>/export: the adapter merged into the base, in the official format (a second copy of
+    # the weights in memory while it is written)
+    export_merged: bool = False
+
+
+@dataclass
 class EMASection:
     """Exponential moving average of the trainable weights (kind flow), exported beside the plain weights."""
 
@@ -206,6 +228,7 @@ class TrainConfig:
     vae: VAESection = field(default_factory=VAESection)
     vision: VisionSection = field(default_factory=VisionSection)
     ema: EMASection = field(default_factory=EMASection)
+    lora: LoRASection | None = None  # null = train the base weights themselves
     distributed: DistributedSection = field(default_factory=DistributedSection)
     log: LogSection = field(default_factory=LogSection)
     ckpt: CkptSection = field(default_factory=CkptSection)
@@ -265,6 +288,18 @@ class TrainConfig:
             problems.append(f"ema.start: must be >= 0 (got {self.ema.start})")
         if self.ema.decay > 0 and self.kind != "flow":
             problems.append(f"ema: only kind 'flow' keeps an average of its weights (got kind '{self.kind}')")
+        if self.lora is not None:
+            lo = self.lora
+            if lo.rank < 1:
+                problems.append(f"lora.rank: must be >= 1 (got {lo.rank})")
+            if not lo.alpha > 0:
+                problems.append(f"lora.alpha: must be > 0 (got {lo.alpha})")
+            if not 0.0 <= lo.dropout < 1.0:
+                problems.append(f"lora.dropout: must be in [0, 1) (got {lo.dropout})")
+            if not lo.targets:
+                problems.append("lora.targets: empty (name the layers to adapt, e.g. [llm])")
+            if self.kind != "flow":
+                problems.append(f"lora: only kind 'flow' trains adapters (got kind '{self.kind}')")
         if self.log.interval < 1:
             problems.append(f"log.interval: must be >= 1 (got {self.log.interval})")
         if self.ckpt.interval < 0:
