@@ -45,9 +45,9 @@ MIN_FEATURES = 16
 
 # Rows at or above which `int8` quantizes the activations; below it the weight-only kernel runs. One: on the
 # 2-core AVX-512 VNNI CPU measured, `_int_mm` also beat every weight-only kernel at one row (docs/quantization.md).
-# fp8 needs 16 rows for its GPU kernel.
+# On CUDA the int8 and fp8 GEMMs take more than 16 rows (`QuantLinear._gpu_tiles`); fewer use the weights widened.
 DYNAMIC_MIN_ROWS = 1
-FP8_MIN_ROWS = 16
+FP8_MIN_ROWS = 17
 
 
 class QuantizationError(ValueError):
@@ -221,15 +221,20 @@ class QuantLinear(nn.Module):
             return int4_dequantize(self.weight, self.weight_scale, self.weight_zero, dtype)
         return (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)
 
+    def _gpu_tiles(self, rows: int, multiple: int) -> bool:
+        """The CUDA int8/fp8 GEMMs need more than 16 rows and dimensions in multiples of 8 (int8) or 16 (fp8)."""
+        return rows > 16 and self.in_features % multiple == 0 and self.out_features % multiple == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        if self.mode == "int8" and rows >= DYNAMIC_MIN_ROWS:
+        cpu = x2.device.type == "cpu"
+        if self.mode == "int8" and rows >= DYNAMIC_MIN_ROWS and (cpu or self._gpu_tiles(rows, 8)):
             y = _int8_dynamic(x2, self.weight, self.weight_scale)
         elif self.mode in ("int8", "int8-weight"):
             y = _int8_weight_only(x2, self.weight, self.weight_scale)
-        elif self.mode == "fp8" and rows >= FP8_MIN_ROWS:
+        elif self.mode == "fp8" and rows >= FP8_MIN_ROWS and self._gpu_tiles(rows, 16):
             y = _fp8_dynamic(x2, self.weight, self.weight_scale)
         else:  # fp8 at a few rows and int4: dequantize on the fly (weights stay small in memory)
             y = F.linear(x2, self.dequantized(x2.dtype))
