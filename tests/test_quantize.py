@@ -299,3 +299,21 @@ def test_velocity_error_against_float32(mode):
     exact = g["cfg_velocity"].reshape(v.shape)
     rel = float((v - exact).norm() / exact.norm())
     assert rel < QUALITY[mode]["velocity"], f"{mode}: CFG velocity relative error {rel:.4f}"
+
+
+def test_random_weights_make_a_tied_head_once():
+    from cheers.config import preset
+    from cheers.model.cheers import CheersModel
+
+    with torch.device("meta"):
+        model = CheersModel(preset("cheers-tiny"))
+    made = []
+    orig = nn.Linear.reset_parameters
+    nn.Linear.reset_parameters = lambda self: made.append(self) or orig(self)
+    try:
+        Q.materialize_random(model, None)
+    finally:
+        nn.Linear.reset_parameters = orig
+    assert model.lm_head not in made  # it is the embedding, never allocated on its own
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))

@@ -414,7 +414,9 @@ def materialize_random(model: nn.Module, spec: QuantSpec | None, device: torch.d
 def _materialize(model: nn.Module, spec: QuantSpec | None, device: torch.device | str) -> list[str]:
     names = targets(model, spec) if spec is not None else []
     chosen = set(names)
+    tie = getattr(model, "tie_weights", lambda: None)
     for name, module in list(model.named_modules()):
+        tie()  # a tied output head then shares the embedding just made instead of being made (and dropped) too
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         if not own or not any(t.is_meta for _, t in own):
             continue
