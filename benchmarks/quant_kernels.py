@@ -171,8 +171,12 @@ def candidates(mlp: MLP, use_torchao: bool, use_compile: bool) -> dict[str, Call
         out["compiled float32"] = torch.compile(copy.deepcopy(mlp), dynamic=False)
 
     if use_torchao:
-        from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
-                                          quantize_)
+        try:
+            from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
+                                              quantize_)
+        except ImportError:
+            print("skip torchao: not installed (pip install torchao)")
+            return out
 
         for name, cfg in (("torchao int8 dyn-act", Int8DynamicActivationInt8WeightConfig),
                           ("torchao int8 weight-only", Int8WeightOnlyConfig)):
