@@ -160,3 +160,28 @@ def test_a_lone_request_on_an_idle_server_does_not_wait():
         return took
 
     assert run(main()) < 0.4  # well under the 500 ms batching window
+
+
+def test_queue_limit_by_memory():
+    """Requests that hold a lot (decoded images) fill the queue by bytes before they fill it by count; a request
+    alone is always taken, whatever it holds."""
+    rec = Recorder(delay=0.1)
+
+    async def main():
+        s = Scheduler(rec, max_batch=1, max_wait_ms=0, max_queue=100, max_queue_bytes=1000)
+        await s.start()
+        big = s.submit(Job("chat", ("k",), ["a"], nbytes=5000))  # over the budget, but alone
+        with pytest.raises(ApiError) as err:
+            s.submit(Job("chat", ("k",), ["b"], nbytes=10))
+        await big
+        small = [s.submit(Job("chat", ("k",), [f"s{i}"], nbytes=400)) for i in range(2)]
+        with pytest.raises(ApiError):
+            s.submit(Job("chat", ("k",), ["c"], nbytes=300))  # 800 + 300 > 1000
+        await asyncio.gather(*small)
+        after = await s.submit(Job("chat", ("k",), ["d"], nbytes=900))
+        await s.close()
+        return err.value, after, s
+
+    err, after, s = run(main())
+    assert err.status == 503 and err.code == "queue_full" and "MiB" in err.message
+    assert after.value == ["D"] and s.stats.rejected == 2 and s.pending_units == 0 and s.pending_bytes == 0

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from cheers.serve.auth import ApiKeyMiddleware
-from cheers.serve.body import edit_form, is_form, json_body
+from cheers.serve.body import edit_form, is_form, json_body, require_json
 from cheers.serve.context import Context
 from cheers.serve.deps import require_all
 from cheers.serve.errors import ApiError, bad
@@ -43,7 +43,8 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     ctx = Context(model, settings)
     runner = ModelRunner(model, settings.max_batch, settings.threads)
-    scheduler = Scheduler(runner, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+    scheduler = Scheduler(runner, settings.max_batch, settings.max_wait_ms, settings.max_queue,
+                          settings.max_queue_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -175,6 +176,7 @@ async def images_generations(request: Request) -> JSONResponse:
 async def images_edits(request: Request) -> JSONResponse:
     ctx, scheduler = _state(request)
     limit = ctx.settings.max_body_bytes
+    require_json(request, form_too=True)
     if is_form(request):
         fields, upload = await edit_form(request, limit)
         req = await asyncio.to_thread(parse_edit_request, ctx, fields, True, upload)
@@ -187,7 +189,9 @@ async def images_edits(request: Request) -> JSONResponse:
 async def image_response(ctx: Context, scheduler: Scheduler, req: ImageRequest, task: str,
                          items: list) -> JSONResponse:
     seeds = [req.seed + i for i in range(req.n)]
-    res = await run_job(scheduler, Job(task, image_key(task, req.options), items, seeds, req.options))
+    nbytes = len(req.prompt) + (ctx.image_bytes if req.image is not None else 0)
+    res = await run_job(scheduler, Job(task, image_key(task, req.options), items, seeds, req.options,
+                                       nbytes=nbytes))
     b64 = await asyncio.to_thread(png_b64, res.value)
     R = ctx.resolution
     data = [{"b64_json": b, "seed": s} for b, s in zip(b64, seeds)]
@@ -211,14 +215,16 @@ async def chat_completions(request: Request) -> Response:
     req = await asyncio.to_thread(parse_chat_request, ctx, body)
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    nbytes = sum(len(m["content"]) + ctx.image_bytes * len(m["images"]) for m in req.conversation)
     if req.stream:
         sink = StreamSink(asyncio.get_running_loop())
         job = Job("chat_stream", ("chat_stream", cid), [req.conversation], [0], req.options, batchable=False,
-                  sink=sink)
+                  sink=sink, nbytes=nbytes)
         scheduler.submit(job)  # 503 here, before the stream starts
         return StreamingResponse(stream_chat(ctx, req, job, cid, created), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    job = Job("chat", chat_key(req), [req.conversation] * req.n, [0] * req.n, req.options, batchable=req.batchable)
+    job = Job("chat", chat_key(req), [req.conversation] * req.n, [0] * req.n, req.options, batchable=req.batchable,
+              nbytes=nbytes)
     res = await run_job(scheduler, job)
     choices, completion = [], 0
     for i, text in enumerate(res.value):

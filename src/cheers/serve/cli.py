@@ -51,6 +51,9 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"how long a request waits for others to batch with (default: {d.max_wait_ms:g})")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"queued + running images/conversations before answering 503 (default: {d.max_queue})")
+    p.add_argument("--max-queue-memory", type=parse_size, default=d.max_queue_bytes,
+                   help="memory that queued + running requests may hold (their images) before answering 503, "
+                        "e.g. 1GB (default: 1GB)")
     p.add_argument("--max-body-size", type=parse_size, default=d.max_body_bytes,
                    help="largest request body, e.g. 25MB (default: 25MB)")
     p.add_argument("--max-image-size", type=parse_size, default=d.max_image_bytes,
@@ -85,6 +88,7 @@ def settings_from_args(a: argparse.Namespace) -> ServeSettings:
     return ServeSettings(
         host=a.host, port=a.port, api_key=a.api_key or os.environ.get("CHEERS_API_KEY") or None,
         model_name=a.model_name, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
+        max_queue_bytes=a.max_queue_memory,
         max_body_bytes=a.max_body_size, max_image_bytes=a.max_image_size, max_image_pixels=a.max_image_pixels,
         max_images=a.max_images, max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_n=a.max_n,
         max_steps=a.max_steps, threads=a.threads, warmup=not a.no_warmup, log_level=a.log_level,

@@ -34,6 +34,7 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
     batchable: bool = True
     sink: StreamSink | None = None
+    nbytes: int = 0  # memory the request holds while queued (its decoded images, its text)
     future: Any = None
     t_submit: float = 0.0
     gap: float = math.inf  # seconds since the previous request arrived
@@ -102,14 +103,16 @@ class Scheduler:
     """
 
     def __init__(self, execute: Callable[[str, list[Job]], list[tuple[bool, Any]]], max_batch: int = 16,
-                 max_wait_ms: float = 20.0, max_queue: int = 64):
+                 max_wait_ms: float = 20.0, max_queue: int = 64, max_queue_bytes: int | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.execute = execute
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.pending_units = 0
+        self.pending_bytes = 0
         self.stats = BatchStats()
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,12 +143,25 @@ class Scheduler:
             raise ApiError(503, f"server busy: {self.pending_units} images/conversations queued or running "
                                 f"(limit {self.max_queue}); retry later", code="queue_full",
                            headers={"Retry-After": "1"})
+        # by memory too (a queue of image-laden chats); one request alone is always taken
+        if (self.max_queue_bytes is not None and self.pending_units
+                and self.pending_bytes + job.nbytes > self.max_queue_bytes):
+            self.stats.rejected += 1
+            raise ApiError(503, f"server busy: queued requests hold {self.pending_bytes / 2**20:.0f} MiB (limit "
+                                f"{self.max_queue_bytes / 2**20:.0f} MiB); retry later", code="queue_full",
+                           headers={"Retry-After": "1"})
         job.future = self._loop.create_future()
         job.t_submit = time.monotonic()
         job.gap, self._last_submit = job.t_submit - self._last_submit, job.t_submit
         self.pending_units += job.units
+        self.pending_bytes += job.nbytes
         self._queue.put_nowait(job)
         return job.future
+
+    def _release(self, job: Job) -> None:
+        """The job left the queue (done, failed or dropped): its share of the limits is free again."""
+        self.pending_units -= job.units
+        self.pending_bytes -= job.nbytes
 
     # -- dispatcher (event loop) --
     def _drain(self, pending: list[Job]) -> None:
@@ -157,7 +173,7 @@ class Scheduler:
         """A job whose client went away before it ran: forget it."""
         gone = job.future.done() or (job.sink is not None and job.sink.cancelled.is_set())
         if gone:
-            self.pending_units -= job.units
+            self._release(job)
             if not job.future.done():
                 job.future.cancel()
         return gone
@@ -210,7 +226,7 @@ class Scheduler:
                 failure = ApiError(500, f"scheduler error: {type(err).__name__}: {err}")
                 for job in batch:
                     if not job.future.done():
-                        self.pending_units -= job.units
+                        self._release(job)
                         if job.sink is not None:
                             job.sink.queue.put_nowait(("error", failure))
                             job.future.set_result(None)
@@ -231,7 +247,7 @@ class Scheduler:
         run_ms = (time.monotonic() - t0) * 1000
         self.stats.record(batch[0].task, units, len(batch), run_ms, batch_id)
         for job, (ok, value) in zip(batch, results):
-            self.pending_units -= job.units
+            self._release(job)
             if not ok:
                 self.stats.failed += 1
             if job.sink is not None:  # streaming: the outcome goes to the stream, nobody awaits the future

@@ -22,7 +22,8 @@ CHAT_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_toke
                          "repetition_penalty", "stop", "seed", "stream", "stream_options", "n", "user"})
 MESSAGE_FIELDS = frozenset({"role", "content", "name"})
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
+# the model's seeds draw numpy noise pictures, whose generator takes seeds below 2**32: one range for every endpoint
+MAX_SEED = 2**32 - 1
 
 
 def image_options(ctx: Context, f: Fields) -> tuple[dict[str, Any], int, int]:
@@ -41,7 +42,7 @@ def image_options(ctx: Context, f: Fields) -> tuple[dict[str, Any], int, int]:
         "cfg_interval": f.interval("cfg_interval", tuple(d.cfg_interval)),
     }
     n = f.int("n", 1, 1, min(s.max_n, s.max_queue))
-    seed = f.int("seed", None, 0, 2**63 - 1 - n)
+    seed = f.int("seed", None, 0, MAX_SEED + 1 - n)  # image i of the request uses seed + i
     if seed is None:
         seed = secrets.randbelow(2**31)
     size = f.str("size", "auto")
@@ -74,11 +75,17 @@ def parse_image_request(ctx: Context, body: Any) -> ImageRequest:
     f.only(IMAGE_FIELDS)
     prompt = f.str("prompt", nonempty=True)
     opts, n, seed = image_options(ctx, f)
+    check_image_prompt(ctx, prompt, prompt, "t2i", 0)
+    return ImageRequest(prompt, n, seed, opts)
+
+
+def check_image_prompt(ctx: Context, prompt: str, layout: str, task: str, n_images: int) -> None:
+    """Reserved tokens, then the length: first by a bound that needs no tokenizing, then by one tokenization."""
     tok = ctx.tokenizer()
     ctx.check_text(prompt, "prompt")
-    ids = tok.encode_prompt(prompt, task="t2i")
+    ctx.check_chars(len(prompt), n_images, ctx.image_tokens + 1, "prompt", "the generated image")
+    ids = tok.encode_prompt(layout, task=task)
     ctx.check_prompt_length(ctx.positions(ids), ctx.image_tokens + 1, "prompt", "the generated image")
-    return ImageRequest(prompt, n, seed, opts)
 
 
 def parse_edit_request(ctx: Context, body: Any, form: bool = False, upload: tuple[str, bytes] | None = None
@@ -90,14 +97,16 @@ def parse_edit_request(ctx: Context, body: Any, form: bool = False, upload: tupl
     opts, n, seed = image_options(ctx, f)
     # start time of the edit (t0 = 1 would leave no step): larger keeps more of the source picture
     opts["edit_start"] = f.float("edit_start", float(ctx.model.image_defaults.edit_start), 0.0, 0.99)
+    # the image is found before the prompt is checked (a missing one is the first thing to say) but decoded after
+    # (decoding is the costly part)
     if form:
         if upload is None:
             raise bad("missing required file 'image' (multipart/form-data upload)", "image", code="missing_field")
-        image = ctx.decode_image(upload[1], "image")
+        source: tuple[Any, str] = (upload[1], "image")
     elif body.get("image") is not None:
         if body.get("images") is not None:
             raise bad("give 'image' or 'images', not both", "images")
-        image = ctx.image_from_url(body["image"], "image")
+        source = (body["image"], "image")
     elif body.get("images") is not None:
         ims = body["images"]
         if not isinstance(ims, list) or len(ims) != 1:
@@ -106,14 +115,12 @@ def parse_edit_request(ctx: Context, body: Any, form: bool = False, upload: tupl
         if isinstance(im, dict):
             Fields(im, "images[0]").only({"image_url"})
             im = im.get("image_url")
-        image = ctx.image_from_url(im, "images[0].image_url")
+        source = (im, "images[0].image_url")
     else:
         raise bad("missing required field 'image' (a data URL, or upload a file with multipart/form-data)",
                   "image", code="missing_field")
-    tok = ctx.tokenizer()
-    ctx.check_text(prompt, "prompt")
-    ids = tok.encode_prompt(f"<im_start><image><im_end>\n{prompt}", task="edit")
-    ctx.check_prompt_length(ctx.positions(ids), ctx.image_tokens + 1, "prompt", "the generated image")
+    check_image_prompt(ctx, prompt, f"<im_start><image><im_end>\n{prompt}", "edit", 1)
+    image = ctx.decode_image(source[0], source[1]) if form else ctx.image_from_url(*source)
     return ImageRequest(prompt, n, seed, opts, image)
 
 
@@ -132,7 +139,10 @@ class ChatRequest:
 
 
 def parse_chat_request(ctx: Context, body: Any) -> ChatRequest:
-    """The JSON body of /v1/chat/completions: messages with text and image_url parts, sampling options."""
+    """The JSON body of /v1/chat/completions: messages with text and image_url parts, sampling options.
+
+    Cheap checks come first and the costly work last: the structure and the options, the reserved tokens and a
+    length bound that needs no tokenizing, then one tokenization of the whole prompt, then the images."""
     s = ctx.settings
     f = Fields(body)
     f.only(CHAT_FIELDS)
@@ -142,14 +152,14 @@ def parse_chat_request(ctx: Context, body: Any) -> ChatRequest:
     if not isinstance(msgs, list) or not msgs:
         raise bad("'messages' must be a non-empty array of {role, content} objects", "messages")
     tok = ctx.tokenizer()
-    conversation, layout, n_images = [], [], 0
+    turns, layout, n_images, n_chars = [], [], 0, 0
     for i, m in enumerate(msgs):
         mf = Fields(m, f"messages[{i}]")
         mf.only(MESSAGE_FIELDS)
         role = mf.str("role", choices=tuple(ROLES))
         mf.str("name", None)
         content = m.get("content")
-        texts, images = [], []
+        texts, urls = [], []
         if content is None:
             if role != "assistant":
                 raise bad(f"missing required field 'messages[{i}].content'", f"messages[{i}].content")
@@ -168,9 +178,9 @@ def parse_chat_request(ctx: Context, body: Any) -> ChatRequest:
                     iu = part.get("image_url")
                     if isinstance(iu, dict):
                         Fields(iu, f"{p}.image_url").only({"url", "detail"})
-                        images.append(ctx.image_from_url(iu.get("url"), f"{p}.image_url.url"))
+                        urls.append((iu.get("url"), f"{p}.image_url.url"))
                     else:
-                        images.append(ctx.image_from_url(iu, f"{p}.image_url"))
+                        urls.append((iu, f"{p}.image_url"))
                     n_images += 1
                     if n_images > s.max_images:
                         raise bad(f"too many images: more than {s.max_images} in one request", p,
@@ -180,9 +190,10 @@ def parse_chat_request(ctx: Context, body: Any) -> ChatRequest:
                       f"{json_type(content)}", f"messages[{i}].content")
         text = "\n".join(texts)
         ctx.check_text(text, f"messages[{i}].content")
-        conversation.append({"role": ROLES[role], "content": text, "images": images})
+        n_chars += len(text)
+        turns.append((ROLES[role], text, urls))
         layout.append({"role": ROLES[role],
-                       "content": "".join("<im_start><image><im_end>\n" for _ in images) + text})
+                       "content": "".join("<im_start><image><im_end>\n" for _ in urls) + text})
 
     t = ctx.model.text_defaults
     max_tokens = f.int("max_completion_tokens", None, 1, s.max_tokens)
@@ -200,7 +211,7 @@ def parse_chat_request(ctx: Context, body: Any) -> ChatRequest:
         stops = tuple(stop)
     else:
         raise bad("'stop' must be a string or an array of at most 4 non-empty strings", "stop")
-    seed = f.int("seed", None, 0, 2**63 - 1)
+    seed = f.int("seed", None, 0, MAX_SEED)
     opts = {
         "max_new_tokens": max_tokens,
         "temperature": temperature,
@@ -222,9 +233,12 @@ def parse_chat_request(ctx: Context, body: Any) -> ChatRequest:
             raise bad("'stream_options' is only allowed with stream: true", "stream_options")
     if stream and n > 1:
         raise bad("stream: true supports n = 1 only", "n")
+    ctx.check_chars(n_chars, n_images, max_tokens, "messages", "max_tokens")
     ids = tok.encode_prompt(layout, task="chat")
     prompt_tokens = ctx.positions(ids)
     ctx.check_prompt_length(prompt_tokens, max_tokens, "messages", "max_tokens")
+    conversation = [{"role": role, "content": text, "images": [ctx.image_from_url(u, p) for u, p in urls]}
+                    for role, text, urls in turns]
     # sampled replies with a fixed seed run alone so that the seed reproduces them whatever else is queued
     batchable = not (temperature > 0 and seed is not None)
     return ChatRequest(conversation, opts, n, stream, include_usage, prompt_tokens, max_tokens, batchable)

@@ -19,6 +19,8 @@ class ServeSettings:
     max_batch: int = 16  # images or conversations per model call
     max_wait_ms: float = 20.0  # how long the oldest queued job waits for companions
     max_queue: int = 64  # queued + running images/conversations before 503
+    max_queue_bytes: int = 2**30  # memory held by queued + running requests (their images) before 503
+    decode_slots: int = 1  # images decoded at the same time (a large one takes several times its pixels)
     max_body_bytes: int = 25 * 2**20
     max_image_bytes: int = 16 * 2**20  # one decoded image file
     max_image_pixels: int = 4096 * 4096

@@ -1,0 +1,182 @@
+"""Abusive requests against a real server: each is refused or run without stalling anyone else, holding memory
+within a stated bound, and every bad input is a 4xx in the JSON error format."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serve.conftest import data_url, png_bytes
+
+CHAT = "/v1/chat/completions"
+GEN = "/v1/images/generations"
+EDIT = "/v1/images/edits"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class Watch:
+    """Runs `send` in a thread while polling /health and the server's resident memory."""
+
+    def __init__(self, srv, send):
+        self.srv, self.send = srv, send
+        self.health_s: list[float] = []
+        self.rss: list[float] = []
+        self.result = None
+        self.took = 0.0
+
+    def run(self, timeout: float = 300) -> "Watch":
+        def worker():
+            t0 = time.monotonic()
+            self.result = self.send()
+            self.took = time.monotonic() - t0
+
+        self.rss0 = rss_mb(self.srv.proc.pid)
+        th = threading.Thread(target=worker)
+        th.start()
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.srv.url, timeout=30) as c:
+            while th.is_alive() and time.monotonic() < deadline:
+                t0 = time.monotonic()
+                assert c.get("/health").status_code == 200
+                self.health_s.append(time.monotonic() - t0)
+                self.rss.append(rss_mb(self.srv.proc.pid))
+                time.sleep(0.05)
+        th.join(max(0.0, deadline - time.monotonic()))
+        assert not th.is_alive(), "the abusive request is still running"
+        return self
+
+    @property
+    def rss_growth(self) -> float:
+        return max(self.rss, default=self.rss0) - self.rss0
+
+
+def test_a_huge_prompt_is_refused_at_once_and_stalls_nobody(main_server):
+    """A 24 MB prompt (under the 25 MB body limit): refused by a bound that needs no tokenizing."""
+    body = {"messages": [{"role": "user", "content": "word " * (24 * 2**20 // 5)}], "max_tokens": 2}
+    raw = httpx.Request("POST", "/", json=body).content
+    assert 23 * 2**20 < len(raw) < 25 * 2**20
+
+    def send():
+        with main_server.client() as c:
+            return c.post(CHAT, content=raw, headers={"Content-Type": "application/json"})
+
+    w = Watch(main_server, send).run()
+    r = w.result
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+    assert "at least" in r.json()["error"]["message"]
+    assert w.took < 10, w.took
+    assert len(w.health_s) >= 2 and max(w.health_s) < 1.0, w.health_s
+    # the body (24 MB), its text and one JSON copy; no token lists of millions of entries
+    assert w.rss_growth < 250, (w.rss0, max(w.rss))
+
+
+def expect(resp: httpx.Response, status: int, param: str | None, *words: str) -> dict:
+    assert resp.status_code == status, (resp.status_code, resp.text[:500])
+    assert resp.headers["content-type"].startswith("application/json")
+    err = resp.json()["error"]
+    assert err["param"] == param, err
+    for w in words:
+        assert w.lower() in err["message"].lower(), err
+    return err
+
+
+# raw JSON bytes: (path, body, status, param, words)
+BAD_RAW = [
+    (GEN, b'{"prompt": "a \\ud800 b"}', 400, "prompt", ["unpaired UTF-16 surrogate", "\\ud800"]),
+    (GEN, b'{"prompt": "x", "\\udfff": 1}', 400, None, ["field name", "surrogate"]),
+    (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\uDBFF"}]}]}', 400,
+     "messages[0].content[0].text", ["surrogate"]),
+    (GEN, b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400, None, ["malformed JSON", "digits"]),
+    (CHAT, b'{"messages": [], "n": -' + b"1" * 5000 + b"}", 400, None, ["malformed JSON"]),
+    (GEN, b'{"prompt": "x", "seed": ' + b"9" * 4000 + b"}", 400, "seed", ["<= 4294967295"]),
+]
+
+
+@pytest.mark.parametrize("path,raw,status,param,words", BAD_RAW, ids=[f"raw{i}" for i in range(len(BAD_RAW))])
+def test_unencodable_text_and_huge_numbers_are_4xx(main_server, path, raw, status, param, words):
+    with main_server.client() as c:
+        expect(c.post(path, content=raw, headers={"Content-Type": "application/json"}), status, param, *words)
+
+
+def test_a_surrogate_pair_is_fine(main_server):
+    with main_server.client() as c:
+        r = c.post(GEN, content=b'{"prompt": "\\ud83d\\ude00 a smile", "steps": 1, "seed": 3}',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path,body,param,limit", [
+    (GEN, {"prompt": "x", "seed": 2**32}, "seed", "<= 4294967295"),
+    (GEN, {"prompt": "x", "seed": 2**32 - 1, "n": 2}, "seed", "<= 4294967294"),  # image i uses seed + i
+    (EDIT, {"prompt": "x", "image": "data:image/png;base64,AA==", "seed": 2**63 - 1}, "seed", "<= 4294967295"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.7, "seed": 2**40}, "seed",
+     "<= 4294967295"),
+])
+def test_seed_range_is_checked_up_front(main_server, path, body, param, limit):
+    with main_server.client() as c:
+        expect(c.post(path, json=body), 400, param, limit)
+
+
+def test_the_largest_seed_runs(main_server):
+    with main_server.client() as c:
+        r = c.post(GEN, json={"prompt": "x", "steps": 1, "seed": 2**32 - 2, "n": 2})
+        assert r.status_code == 200, r.text
+        assert [d["seed"] for d in r.json()["data"]] == [2**32 - 2, 2**32 - 1]
+        r = c.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                               "temperature": 0.7, "seed": 2**32 - 1})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path,ctype", [(GEN, "text/plain"), (CHAT, "text/plain;charset=UTF-8"),
+                                        (CHAT, "application/x-www-form-urlencoded"), (GEN, None),
+                                        (CHAT, "multipart/form-data; boundary=x"), (EDIT, "text/plain")])
+def test_bodies_must_be_declared_json(main_server, path, ctype):
+    """A web page may send text/plain and form bodies to any site without a preflight; JSON endpoints refuse
+    them (edits also take the documented multipart form)."""
+    headers = {"Content-Type": ctype} if ctype else {}
+    with main_server.client() as c:
+        r = c.post(path, content=b'{"prompt": "x", "messages": [{"role": "user", "content": "hi"}]}',
+                   headers=headers)
+    err = expect(r, 415, None, "Content-Type must be application/json")
+    assert err["code"] == "unsupported_media_type"
+
+
+def test_queued_images_are_held_at_model_resolution(main_server):
+    """Two concurrent chats with eight 4096 x 4096 images each (the default limits): each image is reduced to
+    what the model reads (64 x 64 here) as it is parsed, one decodes at a time, and the memory goes back."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (30, 140, 200)).save(buf, format="PNG")  # 48 MB of pixels, a small file
+    url = data_url(buf.getvalue())
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 8
+                          + [{"type": "text", "text": "What colour?"}]}], "max_tokens": 2}
+
+    def send():
+        import asyncio
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=main_server.url, timeout=300) as c:
+                return await asyncio.gather(*(c.post(CHAT, json=body) for _ in range(2)))
+
+        return asyncio.run(burst())
+
+    w = Watch(main_server, send).run()
+    assert [r.status_code for r in w.result] == [200] * 2, [r.text[:200] for r in w.result]
+    assert max(w.health_s) < 1.0, w.health_s
+    # 24 images x 48 MB = 1.1 GB if held at full size; two decodes at a time need a few of them
+    assert w.rss_growth < 400, (w.rss0, max(w.rss))
+    time.sleep(0.5)
+    assert rss_mb(main_server.proc.pid) - w.rss0 < 100, (w.rss0, rss_mb(main_server.proc.pid))
