@@ -47,6 +47,9 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: directory name)")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"images or conversations per model call (default: {d.max_batch}; 1 = no batching)")
+    p.add_argument("--max-running", type=int, default=d.max_running,
+                   help=f"chat replies decoding together: streamed or not, they join and leave one running batch "
+                        f"between tokens (default: {d.max_running}; 1 = one at a time)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help=f"how long a request waits for others to batch with (default: {d.max_wait_ms:g})")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
@@ -80,15 +83,15 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 def settings_from_args(a: argparse.Namespace) -> ServeSettings:
     """The parsed options as settings; an out-of-range limit is a ValueError naming the option."""
-    for name in ("max_batch", "max_queue", "max_n", "max_steps", "max_tokens", "max_images", "threads"):
+    for name in ("max_batch", "max_running", "max_queue", "max_n", "max_steps", "max_tokens", "max_images", "threads"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if a.max_wait_ms < 0:
         raise ValueError("--max-wait-ms must be >= 0")
     return ServeSettings(
         host=a.host, port=a.port, api_key=a.api_key or os.environ.get("CHEERS_API_KEY") or None,
-        model_name=a.model_name, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
-        max_queue_bytes=a.max_queue_memory,
+        model_name=a.model_name, max_batch=a.max_batch, max_running=a.max_running, max_wait_ms=a.max_wait_ms,
+        max_queue=a.max_queue, max_queue_bytes=a.max_queue_memory,
         max_body_bytes=a.max_body_size, max_image_bytes=a.max_image_size, max_image_pixels=a.max_image_pixels,
         max_images=a.max_images, max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_n=a.max_n,
         max_steps=a.max_steps, threads=a.threads, warmup=not a.no_warmup, log_level=a.log_level,

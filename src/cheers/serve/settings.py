@@ -16,7 +16,8 @@ class ServeSettings:
     port: int = 8000
     api_key: str | None = None
     model_name: str | None = None
-    max_batch: int = 16  # images or conversations per model call
+    max_batch: int = 16  # images per model call; conversations joining the running text batch per step
+    max_running: int = 64  # replies decoding together in the running text batch (continuous batching)
     max_wait_ms: float = 20.0  # how long the oldest queued job waits for companions
     max_queue: int = 64  # queued + running images/conversations before 503
     max_queue_bytes: int = 2**30  # memory held by queued + running requests (their images) before 503
