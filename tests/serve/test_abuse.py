@@ -249,3 +249,55 @@ def test_an_abandoned_chat_stops_between_tokens(main_server):
         stats = c.get("/v1/stats").json()
     assert idle_after < max(0.3 * 1000 * ms_per_token / 1000, 1.0), (idle_after, ms_per_token)
     assert stats["cancelled_requests"] - before == 1
+
+
+def test_sigterm_drains_then_answers_json_503(tiny_model_dir, tmp_path):
+    """On SIGTERM: what can finish within the grace period finishes; the rest is answered 503 in the JSON format
+    (a stream gets an error event), no traceback; the process ends by the signal (uvicorn re-raises it)."""
+    import json
+    import signal
+
+    from tests.serve.conftest import launch, wait_ready
+
+    srv = launch(tiny_model_dir, tmp_path / "srv.log", "--no-warmup", "--shutdown-grace", "4")
+    wait_ready(srv)
+    out: dict = {}
+
+    def stream():
+        with srv.client() as c, c.stream("POST", CHAT, json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "max_tokens": 1024, "stream": True}) as r:
+            out["stream"] = [ln for ln in r.iter_lines() if ln]
+
+    def post(name, body):
+        with srv.client() as c:
+            out[name] = c.post(GEN, json=body)
+
+    threads = [threading.Thread(target=stream)]
+    threads[0].start()
+    with srv.client() as c:
+        while c.get("/v1/stats").json()["queued"] < 1:
+            time.sleep(0.005)
+        threads.append(threading.Thread(target=post, args=("short", {"prompt": "quick", "steps": 8, "seed": 1})))
+        threads[-1].start()
+        while c.get("/v1/stats").json()["queued"] < 2:
+            time.sleep(0.005)
+        threads.append(threading.Thread(target=post, args=("long", {"prompt": "slow", "steps": 250, "seed": 2})))
+        threads[-1].start()
+        while c.get("/v1/stats").json()["queued"] < 3:
+            time.sleep(0.005)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    rc = srv.proc.wait(30)
+    took = time.monotonic() - t0
+    log = srv.log.read_text()
+    assert rc == -signal.SIGTERM and took < 4 + 5, (rc, took, log[-2000:])
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
+    assert out["short"].status_code == 200  # finished within the grace period
+    r = out["long"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text[:300]
+    events = out["stream"]
+    assert events[-1] == "data: [DONE]"
+    err = json.loads(events[-2][6:])["error"]
+    assert err["code"] == "shutting_down" and "shutting down" in err["message"]

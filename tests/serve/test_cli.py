@@ -36,7 +36,9 @@ def test_options_become_settings(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [(("--max-batch", "0"), "--max-batch must be >= 1"),
                                            (("--max-queue", "-1"), "--max-queue must be >= 1"),
-                                           (("--max-wait-ms", "-5"), "--max-wait-ms must be >= 0")])
+                                           (("--max-wait-ms", "-5"), "--max-wait-ms must be >= 0"),
+                                           (("--max-running", "0"), "--max-running must be >= 1"),
+                                           (("--shutdown-grace", "-1"), "--shutdown-grace must be >= 0")])
 def test_out_of_range_options_are_named(args, message):
     with pytest.raises(ValueError, match=message):
         settings_from_args(_parse(*args))

@@ -185,3 +185,27 @@ def test_queue_limit_by_memory():
     err, after, s = run(main())
     assert err.status == 503 and err.code == "queue_full" and "MiB" in err.message
     assert after.value == ["D"] and s.stats.rejected == 2 and s.pending_units == 0 and s.pending_bytes == 0
+
+
+def test_shutdown_refuses_new_jobs_finishes_what_it_can_and_answers_the_rest_503():
+    rec = Recorder(delay=0.15)
+
+    async def main():
+        s = Scheduler(rec, max_batch=1, max_wait_ms=0, max_queue=10)
+        await s.start()
+        futs = [s.submit(Job("chat", ("k",), [x])) for x in ("a", "b", "c", "d")]
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await s.shutdown(0.2)  # a finishes (0.15 s), b is running, c and d are queued
+        took = time.monotonic() - t0
+        with pytest.raises(ApiError) as late:
+            s.submit(Job("chat", ("k",), ["e"]))
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        await s.close()
+        return res, late.value, took, s
+
+    res, late, took, s = run(main())
+    assert res[0].value == ["A"]
+    assert all(isinstance(r, ApiError) and r.status == 503 and r.code == "shutting_down" for r in res[1:])
+    assert late.status == 503 and late.code == "shutting_down" and 0.19 < took < 0.5
+    assert s.pending_units == 0 and not s.ready

@@ -144,8 +144,12 @@ def batch_headers(res: BatchResult) -> dict[str, str]:
 
 # ---- service routes -----------------------------------------------------------------------------------------------
 async def health(request: Request) -> JSONResponse:
+    """Liveness and readiness for load balancers: 200 while requests are taken, 503 once shutting down."""
     ctx, scheduler = _state(request)
-    return JSONResponse({"status": "ok", "model": ctx.model_id, "queued": scheduler.pending_units})
+    ready = scheduler.ready
+    return JSONResponse({"status": "ok" if ready else "shutting_down", "ready": ready, "model": ctx.model_id,
+                         "queued": scheduler.pending_units, "queue_limit": scheduler.max_queue},
+                        status_code=200 if ready else 503)
 
 
 async def favicon(request: Request) -> Response:

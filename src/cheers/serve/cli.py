@@ -18,14 +18,32 @@ from cheers.serve.settings import ServeSettings, parse_size
 
 
 def serve(model: Any, settings: ServeSettings) -> None:
-    """Run the server in the foreground until interrupted."""
+    """Run the server in the foreground until interrupted. On SIGTERM / Ctrl-C it stops listening, lets queued
+    and running requests finish for `settings.shutdown_grace_s` seconds, answers the rest 503 and exits."""
     uvicorn = require("uvicorn")
     from cheers.serve.app import create_app
 
     app = create_app(model, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+                            timeout_graceful_shutdown=settings.shutdown_grace_s + 5)
+    draining_server(uvicorn, config, app.state.scheduler, settings.shutdown_grace_s).run()
+
+
+def draining_server(uvicorn: Any, config: Any, scheduler: Any, grace_s: float) -> Any:
+    """A uvicorn server whose shutdown drains the scheduler: without it, requests still running when uvicorn's
+    own timeout ends are cancelled and answered with a plain-text 500."""
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            import asyncio
+
+            drain = asyncio.ensure_future(scheduler.shutdown(grace_s))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                drain.cancel()
+
+    return DrainingServer(config)
 
 
 def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
@@ -74,6 +92,9 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"upper limit of denoising steps (default: {d.max_steps})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the model (default: one per core; lower it when sharing the machine)")
+    p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
+                   help="on SIGTERM, seconds that queued and running requests get to finish before they are "
+                        f"answered 503 (default: {d.shutdown_grace_s:g})")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up calls before accepting requests")
     p.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"],
                    help=f"uvicorn log level (default: {d.log_level})")
@@ -88,6 +109,8 @@ def settings_from_args(a: argparse.Namespace) -> ServeSettings:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if a.max_wait_ms < 0:
         raise ValueError("--max-wait-ms must be >= 0")
+    if a.shutdown_grace < 0:
+        raise ValueError("--shutdown-grace must be >= 0")
     return ServeSettings(
         host=a.host, port=a.port, api_key=a.api_key or os.environ.get("CHEERS_API_KEY") or None,
         model_name=a.model_name, max_batch=a.max_batch, max_running=a.max_running, max_wait_ms=a.max_wait_ms,
@@ -95,6 +118,7 @@ def settings_from_args(a: argparse.Namespace) -> ServeSettings:
         max_body_bytes=a.max_body_size, max_image_bytes=a.max_image_size, max_image_pixels=a.max_image_pixels,
         max_images=a.max_images, max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_n=a.max_n,
         max_steps=a.max_steps, threads=a.threads, warmup=not a.no_warmup, log_level=a.log_level,
+        shutdown_grace_s=a.shutdown_grace,
     )
 
 

@@ -296,6 +296,7 @@ class Scheduler:
     async def _dispatch(self) -> None:
         assert self._queue is not None
         pending: list[Job] = []
+        text_turn = False  # after an image batch the running text batch gets a step, so neither starves
         while True:
             busy = self.engine is not None and self.engine.active
             if not pending and not busy:
@@ -315,12 +316,14 @@ class Scheduler:
             others = [j for j in pending if not self._is_text(j)]
             wait = self._batch_wait(others, others[0]) if others else math.inf
             try:
-                if others and wait <= 0:
+                if others and wait <= 0 and not (text_turn and (joiners or busy)):
                     batch, _ = self._take(others, others[0])
                     pending = [j for j in pending if j not in batch]
                     await self._run(batch)
+                    text_turn = True
                 elif joiners or busy:
                     await self._step(joiners)
+                    text_turn = False
                 elif others:  # nothing to decode: wait for companions of the head job, or its deadline
                     with contextlib.suppress(asyncio.TimeoutError):
                         pending.append(await asyncio.wait_for(self._queue.get(), wait))

@@ -32,6 +32,7 @@ class ServeSettings:
     max_steps: int = 250
     threads: int | None = None  # torch intra-op threads of the model thread (default: torch's, one per core)
     warmup: bool = True
+    shutdown_grace_s: float = 10.0  # on SIGTERM: how long queued and running requests get to finish
     log_level: str = "info"
 
     def public(self) -> dict[str, Any]:
