@@ -301,3 +301,31 @@ def test_sigterm_drains_then_answers_json_503(tiny_model_dir, tmp_path):
     assert events[-1] == "data: [DONE]"
     err = json.loads(events[-2][6:])["error"]
     assert err["code"] == "shutting_down" and "shutting down" in err["message"]
+
+
+def test_without_a_key_only_local_hosts_and_same_origin(main_server):
+    """DNS rebinding (a page's own domain resolving to the server) and cross-site requests are refused."""
+    port = main_server.url.rsplit(":", 1)[1]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    with main_server.client() as c:
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.nip.io:{port}"):
+            err = expect(c.get("/v1/models", headers={"Host": host}), 403, None, "not allowed")
+            assert err["code"] == "host_not_allowed"
+            expect(c.post(CHAT, json=body, headers={"Host": host}), 403, None, "not allowed")
+            expect(c.get("/", headers={"Host": host}), 403, None, "not allowed")
+            assert c.get("/health", headers={"Host": host}).status_code == 200  # probes stay open
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "app.localhost"):
+            assert c.get("/v1/models", headers={"Host": host}).status_code == 200, host
+        for origin in ("https://evil.example", f"http://evil.example:{port}", "null", f"http://localhost:{port}"):
+            err = expect(c.post(CHAT, json=body, headers={"Origin": origin}), 403, None, "cross-origin")
+            assert err["code"] == "cross_origin"
+        same = c.post(CHAT, json=body, headers={"Origin": main_server.url})  # the demo page's own requests
+        assert same.status_code == 200, same.text
+
+
+def test_with_a_key_the_key_decides(strict_server):
+    with strict_server.client() as c:
+        r = c.get("/v1/models", headers={"Host": "gpu-box.example", "Origin": "https://app.example"})
+        assert r.status_code == 200, r.text
+        expect(httpx.get(f"{strict_server.url}/v1/models", headers={"Host": "gpu-box.example"}), 401, None,
+               "missing API key")

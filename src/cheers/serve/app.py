@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from cheers.serve.auth import ApiKeyMiddleware
+from cheers.serve.auth import ApiKeyMiddleware, LocalOriginMiddleware
 from cheers.serve.body import edit_form, is_form, json_body, require_json
 from cheers.serve.context import Context
 from cheers.serve.deps import require_all
@@ -42,6 +42,8 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving `model` (a loaded `cheers.pipeline.Cheers`)."""
     require_all()
     settings = settings or ServeSettings()
+    if settings.api_key is not None and not settings.api_key.strip():
+        raise ValueError("the API key is empty, which would leave the server without authentication")
     ctx = Context(model, settings)
     runner = ModelRunner(model, settings.max_batch, settings.threads)
     engine = (TextEngine(model, settings.max_running, settings.max_batch, settings.threads)
@@ -67,8 +69,10 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, unexpected_error)
     for path, method, handler in ROUTES:
         app.add_route(path, handler, methods=[method])
-    if settings.api_key:
+    if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
+    else:
+        app.add_middleware(LocalOriginMiddleware, allowed_hosts=settings.allowed_hosts)
     return app
 
 

@@ -62,6 +62,9 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None,
                    help="require this key (Authorization: Bearer KEY) on every endpoint but /health; "
                         "default: $CHEERS_API_KEY, else no key")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="without an API key, requests must name the server by IP address or localhost (a guard "
+                        "against DNS rebinding); this accepts another host name too (repeatable)")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: directory name)")
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"images or conversations per model call (default: {d.max_batch}; 1 = no batching)")
@@ -111,8 +114,13 @@ def settings_from_args(a: argparse.Namespace) -> ServeSettings:
         raise ValueError("--max-wait-ms must be >= 0")
     if a.shutdown_grace < 0:
         raise ValueError("--shutdown-grace must be >= 0")
+    key = a.api_key if a.api_key is not None else os.environ.get("CHEERS_API_KEY")
+    if key is not None and not key.strip():
+        source = "--api-key" if a.api_key is not None else "CHEERS_API_KEY"
+        raise ValueError(f"{source} is empty, which would leave the server without authentication; give a key, "
+                         "or leave it out to serve without one")
     return ServeSettings(
-        host=a.host, port=a.port, api_key=a.api_key or os.environ.get("CHEERS_API_KEY") or None,
+        host=a.host, port=a.port, api_key=key, allowed_hosts=tuple(a.allowed_host),
         model_name=a.model_name, max_batch=a.max_batch, max_running=a.max_running, max_wait_ms=a.max_wait_ms,
         max_queue=a.max_queue, max_queue_bytes=a.max_queue_memory,
         max_body_bytes=a.max_body_size, max_image_bytes=a.max_image_size, max_image_pixels=a.max_image_pixels,

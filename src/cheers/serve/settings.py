@@ -14,7 +14,8 @@ class ServeSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = None  # None: no key (then Host and Origin are checked); never empty
+    allowed_hosts: tuple[str, ...] = ()  # host names accepted without a key besides IP addresses and localhost
     model_name: str | None = None
     max_batch: int = 16  # images per model call; conversations joining the running text batch per step
     max_running: int = 64  # replies decoding together in the running text batch (continuous batching)
