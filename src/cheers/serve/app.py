@@ -191,7 +191,8 @@ async def get_model(request: Request) -> JSONResponse:
 async def stats(request: Request) -> JSONResponse:
     ctx, scheduler = _state(request)
     s = ctx.settings
-    return JSONResponse({**scheduler.stats.as_dict(), "queued": scheduler.pending_units,
+    decode = scheduler.engine.stats() if scheduler.engine is not None else None
+    return JSONResponse({**scheduler.stats.as_dict(), "queued": scheduler.pending_units, "decode": decode,
                          "settings": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
                                       "max_queue": s.max_queue}})
 

@@ -87,6 +87,7 @@ class TextEngine:
         self.hidden: torch.Tensor | None = None  # [B, d] newest hidden state of each row
         self.steps = 0  # decoding steps run (a step gives every running row one token)
         self.tokens = 0  # tokens generated
+        self.largest = 0  # the most rows ever decoded together
 
     # ---- what the scheduler asks ----------------------------------------------------------------------------
     @property
@@ -96,6 +97,10 @@ class TextEngine:
     @property
     def rows(self) -> int:
         return len(self.seqs)
+
+    def stats(self) -> dict[str, int]:
+        return {"steps": self.steps, "tokens": self.tokens, "running": len(self.seqs), "largest_running": self.largest,
+                "max_running": self.max_rows}
 
     def room(self) -> int:
         """Rows that may still join; an idle engine takes any one job, however many replies it asks for."""
@@ -204,6 +209,7 @@ class TextEngine:
     def _decode(self, events: list[tuple]) -> None:
         m = self.model
         B = len(self.seqs)
+        self.largest = max(self.largest, B)
         for seq in self.seqs:
             seq.peak = max(seq.peak, B)
         plain = all(self._plain(seq) for seq in self.seqs)
