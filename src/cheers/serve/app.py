@@ -29,6 +29,7 @@ from cheers.serve.context import Context
 from cheers.serve.deps import require_all
 from cheers.serve.engine import Completion, TextEngine
 from cheers.serve.errors import ApiError, bad
+from cheers.serve.observe import AccessMiddleware, Metrics, access_logger
 from cheers.serve.runner import ModelRunner
 from cheers.serve.scheduler import BatchResult, Job, Scheduler, StreamSink
 from cheers.serve.schema import (ChatRequest, ImageRequest, chat_key, image_key, parse_chat_request,
@@ -63,6 +64,7 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> FastAPI:
                   openapi_url=None)
     app.state.scheduler = scheduler
     app.state.context = ctx
+    app.state.metrics = Metrics(scheduler)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -73,12 +75,15 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> FastAPI:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
     else:
         app.add_middleware(LocalOriginMiddleware, allowed_hosts=settings.allowed_hosts)
+    # outermost: every response, refusals included, gets a request id, a metrics count and a log line
+    app.add_middleware(AccessMiddleware, metrics=app.state.metrics,
+                       log=access_logger() if settings.access_log else None)
     return app
 
 
 # ---- errors as OpenAI's JSON --------------------------------------------------------------------------------------
 def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.response_headers())
 
 
 async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -186,6 +191,11 @@ async def get_model(request: Request) -> JSONResponse:
         raise ApiError(404, f"model '{model_id}' does not exist; this server serves '{ctx.model_id}'",
                        param="model", type="invalid_request_error", code="model_not_found")
     return JSONResponse(model_card(ctx))
+
+
+async def metrics(request: Request) -> Response:
+    body, ctype = request.app.state.metrics.exposition()
+    return Response(body, media_type=ctype)
 
 
 async def stats(request: Request) -> JSONResponse:
@@ -327,6 +337,7 @@ ROUTES = (
     ("/v1/models", "GET", list_models),
     ("/v1/models/{model_id:path}", "GET", get_model),
     ("/v1/stats", "GET", stats),
+    ("/metrics", "GET", metrics),
     ("/v1/images/generations", "POST", images_generations),
     ("/v1/images/edits", "POST", images_edits),
     ("/v1/chat/completions", "POST", chat_completions),

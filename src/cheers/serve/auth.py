@@ -19,7 +19,7 @@ OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 
 
 async def refuse(err: ApiError, scope: dict, receive: Any, send: Any) -> None:
-    await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
+    await JSONResponse(err.body(), status_code=err.status, headers=err.response_headers())(scope, receive, send)
 
 
 class ApiKeyMiddleware:

@@ -25,6 +25,7 @@ def serve(model: Any, settings: ServeSettings) -> None:
 
     app = create_app(model, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False,  # the app writes its own, structured, with request ids
                             timeout_graceful_shutdown=settings.shutdown_grace_s + 5)
     draining_server(uvicorn, config, app.state.scheduler, settings.shutdown_grace_s).run()
 
@@ -98,6 +99,8 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace_s,
                    help="on SIGTERM, seconds that queued and running requests get to finish before they are "
                         f"answered 503 (default: {d.shutdown_grace_s:g})")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not write the JSON access-log line of each request to stderr")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up calls before accepting requests")
     p.add_argument("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"],
                    help=f"uvicorn log level (default: {d.log_level})")
@@ -126,7 +129,7 @@ def settings_from_args(a: argparse.Namespace) -> ServeSettings:
         max_body_bytes=a.max_body_size, max_image_bytes=a.max_image_size, max_image_pixels=a.max_image_pixels,
         max_images=a.max_images, max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens, max_n=a.max_n,
         max_steps=a.max_steps, threads=a.threads, warmup=not a.no_warmup, log_level=a.log_level,
-        shutdown_grace_s=a.shutdown_grace,
+        shutdown_grace_s=a.shutdown_grace, access_log=not a.no_access_log,
     )
 
 

@@ -35,6 +35,7 @@ class ServeSettings:
     warmup: bool = True
     shutdown_grace_s: float = 10.0  # on SIGTERM: how long queued and running requests get to finish
     log_level: str = "info"
+    access_log: bool = True  # one JSON line per request on stderr
 
     def public(self) -> dict[str, Any]:
         """The settings without the API key (only whether one is required)."""
