@@ -103,8 +103,8 @@ class TextEngine:
                 "max_running": self.max_rows}
 
     def room(self) -> int:
-        """Rows that may still join; an idle engine takes any one job, however many replies it asks for."""
-        return self.max_rows - len(self.seqs) if self.seqs else max(self.max_rows, 1 << 30)
+        """Rows that may still join (the scheduler lets an idle engine take one job of any size)."""
+        return max(0, self.max_rows - len(self.seqs))
 
     # ---- one step (model thread) ----------------------------------------------------------------------------
     def step(self, joiners: list[Job]) -> list[tuple]:

@@ -305,9 +305,10 @@ class Scheduler:
             pending = [j for j in pending if not self._dropped(j)]
             joiners: list[Job] = []
             if self.engine is not None:
-                room, units, rest = self.engine.room(), 0, []
+                room, units, rest = min(self.engine.room(), self.engine.max_prefill), 0, []
                 for j in pending:
-                    if self._is_text(j) and units + j.units <= min(room, max(self.engine.max_prefill, j.units)):
+                    # an idle engine takes its first job whatever its size (n may exceed --max-running)
+                    if self._is_text(j) and (units + j.units <= room or not (self.engine.active or joiners)):
                         joiners.append(j)
                         units += j.units
                     else:
@@ -333,6 +334,7 @@ class Scheduler:
                 failure = ApiError(500, f"scheduler error: {type(err).__name__}: {err}")
                 for job in list(self._live):
                     if job not in pending:
+                        job.cancel()  # its model work (a running text row) stops too
                         self._resolve(job, False, failure)
 
     async def _run(self, batch: list[Job]) -> None:
