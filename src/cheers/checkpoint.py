@@ -14,7 +14,7 @@ import logging
 import os
 import struct
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -175,9 +175,16 @@ def _same_rows(path: Path, key: str, loaded: torch.Tensor) -> bool:
     return True
 
 
+def _castable(tensor: torch.Tensor) -> bool:
+    """Float weights follow the requested dtype; integer and float8 (quantized) tensors keep their own."""
+    return tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> CheersModel:
+                    device: str | torch.device = "cpu",
+                    loaded: Callable[[str], None] | None = None) -> CheersModel:
     """Materialize `model` (may live on the meta device) from an official weight directory, strictly.
+    `loaded(key)` is called after each tensor is in place (e.g. to quantize a layer once its weights are read).
 
     With `tie_word_embeddings: true` the output head *is* the input embedding, as in the reference (transformers
     ignores a stored `lm_head.weight` then); a stored head that differs is ignored with one warning."""
@@ -208,9 +215,9 @@ def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: tor
         if key == TIED_HEAD and tied:
             continue
         tensor = _read(owner[key], key)
-        target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        target_dtype = dtype if _castable(tensor) else tensor.dtype
         tensor = tensor.to(device=device, dtype=target_dtype)
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if _castable(tensor) and not _all_finite(tensor):
             raise CheckpointError(f"{owner[key]}: tensor '{key}' contains NaN or inf")
         module_name, _, leaf = key.rpartition(".")
         module = model.get_submodule(module_name)
@@ -218,6 +225,8 @@ def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: tor
             setattr(module, leaf, torch.nn.Parameter(tensor, requires_grad=params[key].requires_grad))
         elif key in buffers:
             module._buffers[leaf] = tensor
+        if loaded is not None:
+            loaded(key)
     model.tie_weights()
     if tied and TIED_HEAD in found and not _same_rows(owner[TIED_HEAD], TIED_HEAD, model.lm_head.weight.data):
         log.warning("%s: '%s' differs from '%s' but config.json ties them; the head is the embedding, as in "
@@ -230,8 +239,9 @@ def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: tor
 
 
 def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> CheersModel:
-    """Load an official-format model directory into a `CheersModel` (eval mode)."""
+               device: str | torch.device = "cpu", quantize: Any = None) -> CheersModel:
+    """Load an official-format model directory into a `CheersModel` (eval mode). A quantized checkpoint loads
+    as stored; `quantize` (a mode or `cheers.quantize.QuantSpec`) quantizes a float one layer by layer."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -242,9 +252,21 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
         cfg = CheersConfig.from_json_file(cfg_path)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
+    from cheers import quantize as Q
+
+    try:  # every quantization problem is reported before a single weight is read
+        stored, spec = Q.resolve(cfg.quantization, Q.parse_spec(quantize), torch.device(device), str(cfg_path))
+    except Q.QuantizationError as err:
+        raise CheckpointError(str(err)) from None
     with torch.device("meta"):
         model = CheersModel(cfg)
-    load_state_into(model, directory, dtype=dtype, device=device)
+    if stored is not None:
+        Q.prepare_meta(model, stored)
+        cfg.quantization = stored  # the mode it runs in (int8 and int8-weight share their stored weights)
+    loaded = Q.quantize_on_load(model, spec) if spec is not None else None
+    load_state_into(model, directory, dtype=dtype, device=device, loaded=loaded)
+    if spec is not None:
+        cfg.quantization = Q.record(spec, Q.names_of(model))
     return model.eval()
 
 
@@ -275,7 +297,7 @@ def save_model(model: CheersModel, directory: str | os.PathLike, max_shard_bytes
         if key == TIED_HEAD and model.config.text.tie_word_embeddings and not include_tied_head:
             continue
         tensor = tensor.detach().to("cpu")
-        if dtype is not None and tensor.is_floating_point():
+        if dtype is not None and _castable(tensor):
             tensor = tensor.to(dtype)
         state[key] = tensor.contiguous().clone() if key == TIED_HEAD else tensor.contiguous()
     shards = _shards(state.items(), max_shard_bytes)

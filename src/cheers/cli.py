@@ -166,10 +166,17 @@ def cmd_info(a: argparse.Namespace) -> int:
     from cheers.model.cheers import CheersModel
 
     if a.model and not Path(a.model).exists():
+        from cheers import quantize as Q
         from cheers.pipeline import describe
 
-        with torch.device("meta"):  # a preset: count parameters without allocating them
+        spec = Q.parse_spec(a.quantize)
+        if spec is not None:
+            Q.check_device(spec.mode, a.device)
+        with torch.device("meta"):  # a preset: count parameters (and bytes) without allocating them
             model = CheersModel(preset(a.model))
+        if spec is not None:
+            Q.prepare_meta(model, Q.record(spec, Q.targets(model, spec)))
+            model.config.quantization = Q.record(spec, Q.names_of(model))
         data = describe(model, f"preset:{a.model}")
     else:
         data = _load(a).info()
@@ -181,6 +188,12 @@ def cmd_info(a: argparse.Namespace) -> int:
     print("parameters:")
     for k, v in data["parameters"].items():
         print(f"  {k:<26} {v:>15,}")
+    from cheers.quantize import human_bytes
+
+    print(f"memory ({data['quantization'] or 'not quantized'}; bits = stored bits per parameter, scales included):")
+    for k, v in data["memory"].items():
+        print(f"  {k:<26} {human_bytes(v['bytes']):>12} {v['bits']:>6.2f} bits  {v['quantized_linears']:>4} quantized "
+              "linear layers")
     return 0
 
 

@@ -172,6 +172,8 @@ class CheersConfig:
     # the stored weights' dtype (config.json `torch_dtype`; "auto" loads in it on GPU): storage, not architecture,
     # so two configs that differ only here compare equal
     torch_dtype: str = field(default="float32", compare=False)
+    # config.json `quantization_config` of a quantized checkpoint (cheers.quantize.record), else None
+    quantization: dict[str, Any] | None = None
 
     # ---- derived geometry -------------------------------------------------------------------------------------
     @property
@@ -294,6 +296,7 @@ class CheersConfig:
                 "tokens": dataclasses.asdict(self.tokens),
                 "flow_loss_weight": self.flow_loss_weight,
             },
+            **({"quantization_config": self.quantization} if self.quantization else {}),
         }
 
     @classmethod
@@ -392,6 +395,7 @@ class CheersConfig:
             flow_loss_weight=flow_loss_weight,
             name=str(extra.get("name", "from-config")),
             torch_dtype=stored,
+            quantization=hf.get("quantization_config"),  # checked by cheers.quantize before weights are read
         )
         try:
             return cfg.validate()

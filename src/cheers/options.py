@@ -20,6 +20,11 @@ def add_model_options(p: argparse.ArgumentParser, compile: bool = True, device_d
     p.add_argument("--device", default=device_default, help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="dtype the weights are held and run in; auto = the checkpoint's on CUDA, float32 on CPU")
+    p.add_argument("--quantize", default=None, metavar="MODE[:PATTERNS]",
+                   help="quantize the linear layers as they load: int8 (int8 weights and activations; CPU, GPU), "
+                        "int8-weight (weights only), int4-weight and fp8 (CUDA); PATTERNS (comma-separated module "
+                        "globs, !GLOB excludes) narrow it, e.g. int8:model.language_model.*; a quantized checkpoint "
+                        "loads as stored (see docs/quantization.md)")
     if compile:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the language model and output head: ~2x faster text decoding of small "
@@ -31,7 +36,7 @@ def load_pipeline(a: argparse.Namespace, **extra: Any) -> Any:
     from cheers.pipeline import Cheers
 
     kw: dict[str, Any] = {"dtype": a.dtype, "revision": a.revision, "compile": getattr(a, "compile", False),
-                          "adapter": getattr(a, "adapter", None)}
+                          "adapter": getattr(a, "adapter", None), "quantize": getattr(a, "quantize", None)}
     if a.device:
         kw["device"] = a.device
     return Cheers.from_pretrained(a.model, **kw, **extra)

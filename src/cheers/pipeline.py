@@ -24,6 +24,9 @@ from cheers.defaults import (DType, ImageDefaults, TextDefaults, check_edit_star
 from cheers.hub import push_to_hub, resolve_model_dir
 from cheers.model.cheers import CheersModel
 from cheers.processor import dummy_image, load_image, preprocess_understanding, tensor_to_pil
+from cheers.quantize import QuantSpec, footprint
+from cheers.quantize import parse_spec as parse_quantize
+from cheers.quantize import random_model as random_quantized
 from cheers.samplers import evaluations, get_sampler
 from cheers.tokenizer import CheersTokenizer
 
@@ -83,7 +86,8 @@ class Cheers(PipelineAdapters):
                         dtype: DType = "auto", tokenizer: str | os.PathLike | None = None, compile: bool = False,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = False, token: str | bool | None = None,
-                        adapter: str | os.PathLike | None = None) -> "Cheers":
+                        adapter: str | os.PathLike | None = None,
+                        quantize: str | QuantSpec | None = None) -> "Cheers":
         """Load a model: a local directory (official format + tokenizer files), a Hugging Face Hub repo id
         (e.g. "ai9stars/Cheers"; downloads only the files the model needs, into the HF cache), the embedded
         default (None), or a named preset with random weights (for benchmarks and tests; text tasks then need
@@ -93,21 +97,24 @@ class Cheers(PipelineAdapters):
         the weights are held in it, with no float32 copy. `compile=True`: `OutputHead.compile` (faster decoding
         after a one-time compile). `revision`, `cache_dir`, `local_files_only`, `token`: as in huggingface_hub
         (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are honoured). `adapter`: a PEFT LoRA adapter (directory or repo
-        id) applied on top, as the active adapter "default" (`load_adapter` adds more)."""
+        id) applied on top, as the active adapter "default" (`load_adapter` adds more). `quantize`: "int8",
+        "int8-weight", "int4-weight" or "fp8" (optionally with module patterns, see `cheers.quantize.parse_spec`):
+        the linear layers are quantized as they load; a quantized checkpoint loads as stored."""
         device = torch.device(device)
         if name_or_path is None:
             if not (EMBEDDED_DIR / "config.json").exists():
                 raise CheckpointError(f"the embedded model is missing from {EMBEDDED_DIR}; pass --model DIR")
             name_or_path = EMBEDDED_DIR
         if isinstance(name_or_path, str) and name_or_path in PRESETS and not Path(name_or_path).exists():
-            model = CheersModel(preset(name_or_path))
+            spec = parse_quantize(quantize)
+            model = random_quantized(preset(name_or_path), spec, device) if spec else CheersModel(preset(name_or_path))
             tok = CheersTokenizer.from_dir(tokenizer) if tokenizer else None
             pipe = cls(model, tok, device, dtype, source=f"preset:{name_or_path}")
         else:
             path = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir,
                                      local_files_only=local_files_only, token=token)
             stored = stored_dtype(path)
-            model = load_model(path, dtype=resolve_dtype(dtype, device, stored), device=device)
+            model = load_model(path, dtype=resolve_dtype(dtype, device, stored), device=device, quantize=quantize)
             tok_dir = Path(tokenizer) if tokenizer else path
             tok = CheersTokenizer.from_dir(tok_dir) if _has_tokenizer(tok_dir) else None
             img_d, txt_d = read_defaults(path, model.config)
@@ -437,6 +444,13 @@ def describe(model: CheersModel, source: str, image_defaults: ImageDefaults | No
             "flow_head_stage2": count(m.hi_projector),
             "time_embed": count(m.time_embed),
         },
+        "memory": {part: footprint(mod) for part, mod in (
+            ("total", model), ("language_model", m.language_model), ("output_head", model.lm_head),
+            ("vision_encoder", m.vision_representation), ("vae", m.vae_model),
+            ("latent_to_pixel_decoder", m.vae_decoder_projector), ("und_projector", m.und_projector),
+            ("flow_head_stage1", m.gen_projector), ("high_frequency_gate", m.hi_gate),
+            ("flow_head_stage2", m.hi_projector), ("time_embed", m.time_embed))},
+        "quantization": (c.quantization or {}).get("mode"),
         "high_frequency_gate": c.head.high_frequency_gate,
         "image_defaults": vars(image_defaults or ImageDefaults()),
         "text_defaults": vars(text_defaults or TextDefaults()),

@@ -75,3 +75,15 @@ def test_create_app_refuses_an_empty_key():
 
     with pytest.raises(ValueError, match="API key is empty"):
         create_app(object(), ServeSettings(api_key=""))
+
+
+def test_quantize_option_reaches_the_served_model(monkeypatch):
+    import cheers.serve.cli as serve_cli
+    from cheers.quantize import mode_of
+
+    served = {}
+    monkeypatch.setattr(serve_cli, "serve", lambda model, settings: served.update(model=model))
+    assert serve_cli.cmd_serve(_parse("--model", "cheers-tiny", "--quantize", "int8-weight", "--no-warmup")) == 0
+    assert mode_of(served["model"].model) == "int8-weight"
+    with pytest.raises(ValueError, match="quantize mode 'int9' is unknown"):
+        serve_cli.cmd_serve(_parse("--model", "cheers-tiny", "--quantize", "int9", "--no-warmup"))
