@@ -44,7 +44,7 @@ def app_from_env() -> Any:
     """The FastAPI application for the model and settings the environment names (loads and warms the model)."""
     import torch
 
-    from cheers.pipeline import Cheers
+    from cheers.options import load_pipeline
     from cheers.serve.app import create_app
     from cheers.serve.runner import warm_up
 
@@ -52,7 +52,7 @@ def app_from_env() -> Any:
     settings = settings_from_args(a)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    model = Cheers.from_pretrained(a.model, device=a.device, dtype=getattr(torch, a.dtype))
+    model = load_pipeline(a)
     if settings.warmup:
         warm_up(model)
     return create_app(model, settings)
