@@ -259,7 +259,8 @@ def test_sigterm_drains_then_answers_json_503(tiny_model_dir, tmp_path):
 
     from tests.serve.conftest import launch, wait_ready
 
-    srv = launch(tiny_model_dir, tmp_path / "srv.log", "--no-warmup", "--shutdown-grace", "4")
+    # the long job must outlast the grace period on any machine: 5,000 steps take far longer than 4 s
+    srv = launch(tiny_model_dir, tmp_path / "srv.log", "--no-warmup", "--shutdown-grace", "4", "--max-steps", "5000")
     wait_ready(srv)
     out: dict = {}
 
@@ -281,7 +282,7 @@ def test_sigterm_drains_then_answers_json_503(tiny_model_dir, tmp_path):
         threads[-1].start()
         while c.get("/v1/stats").json()["queued"] < 2:
             time.sleep(0.005)
-        threads.append(threading.Thread(target=post, args=("long", {"prompt": "slow", "steps": 250, "seed": 2})))
+        threads.append(threading.Thread(target=post, args=("long", {"prompt": "slow", "steps": 5000, "seed": 2})))
         threads[-1].start()
         while c.get("/v1/stats").json()["queued"] < 3:
             time.sleep(0.005)
