@@ -214,6 +214,86 @@ def test_invalid_config_values(saved):
         load_model(saved)
 
 
+@pytest.mark.parametrize("section,key,value,message", [
+    ("text_config", "num_hidden_layers", 100000, r"text_config\.num_hidden_layers must be an integer in \[1, 1024\], got 100000$"),
+    ("text_config", "num_hidden_layers", 1e5, r"text_config\.num_hidden_layers must be an integer .* got 100000\.0$"),
+    ("text_config", "hidden_size", "64", r"text_config\.hidden_size must be an integer in \[1, 65536\], got '64'$"),
+    ("text_config", "hidden_size", True, r"text_config\.hidden_size must be an integer"),
+    ("text_config", "vocab_size", -5, r"text_config\.vocab_size must be an integer in \[1, "),
+    ("text_config", "rope_theta", "big", r"text_config\.rope_theta must be a number"),
+    ("text_config", "rms_norm_eps", float("inf"), r"rms_norm_eps must be a number"),
+    ("text_config", "tie_word_embeddings", "yes", r"tie_word_embeddings must be true or false"),
+    ("vision_representation_config", "image_size", [64], r"vision_representation_config\.image_size must be an integer"),
+    ("vae_encoder_config", "ch_mult", ["a", 2], r"vae_encoder_config\.ch_mult must hold integers"),
+    ("vae_decoder_config", "ch_mult", list(range(1, 20)), r"vae_decoder_config\.ch_mult must be a list of 1 to 8"),
+    ("vae_decoder_config", "z_channels", None, r"vae_decoder_config\.z_channels must be an integer"),
+    ("cheers", "head", {"stage1_layers": 10**9}, r"cheers\.head\.stage1_layers must be an integer in \[1, 256\]"),
+    ("cheers", "head", {"bogus": 1}, r"unknown field 'cheers\.head\.bogus'"),
+    ("cheers", "tokens", {"pad": "0"}, r"cheers\.tokens\.pad must be an integer"),
+    ("cheers", "flow_loss_weight", "x", r"cheers\.flow_loss_weight must be a number"),
+    (None, "text_config", [1, 2], r"'text_config' must be a JSON object, got list"),
+])
+def test_config_sizes_and_types_one_line_errors(saved, section, key, value, message):
+    """Checked while reading config.json, before any model is built: a typo fails at once with one line."""
+    import time
+
+    cfg = json.loads((saved / "config.json").read_text())
+    if section is None:
+        cfg[key] = value
+    else:
+        cfg.setdefault(section, {})[key] = value
+    (saved / "config.json").write_text(json.dumps(cfg))
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError) as err:
+        load_model(saved)
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    assert "config.json" in msg and __import__("re").search(message, msg), msg
+    assert time.monotonic() - t0 < 2
+
+
+def test_preset_configs_are_checked_too():
+    cfg = preset("cheers-tiny")
+    cfg.text.num_layers = "2"
+    with pytest.raises(ConfigError, match=r"text num_layers must be an integer in \[1, 1024\], got '2'"):
+        cfg.validate()
+    cfg = preset("cheers-tiny")
+    cfg.tokens.newline = 10**12
+    with pytest.raises(ConfigError, match="token id newline must be an integer"):
+        cfg.validate()
+    for name in PRESETS:
+        preset(name)  # every shipped preset is within the bounds
+
+
+@pytest.mark.parametrize("fname", ["/etc/passwd", "../outside.safetensors", "sub/../../x.safetensors", "",
+                                   "C:\\weights.safetensors", "a\\..\\b.safetensors", 7, None])
+def test_index_names_only_files_inside_the_directory(tmp_path, fname):
+    save_model(tiny_model(), tmp_path / "m", max_shard_bytes=400_000)
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    key = sorted(data["weight_map"])[0]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((tmp_path / "m" / data["weight_map"][key]).read_bytes())  # a file that would load
+    data["weight_map"][key] = fname
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"is not a file name inside .* \(absolute paths and '\.\.' are refused\)"):
+        load_model(tmp_path / "m")
+
+
+def test_index_may_name_files_in_subfolders(tmp_path):
+    save_model(tiny_model(), tmp_path, max_shard_bytes=400_000)
+    index = tmp_path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = sorted(set(data["weight_map"].values()))[0]
+    (tmp_path / "w").mkdir()
+    (tmp_path / shard).rename(tmp_path / "w" / shard)
+    data["weight_map"] = {k: (f"w/{v}" if v == shard else v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    reference = tiny_model()
+    loaded = load_model(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_truncated_and_corrupt_files(saved):
     path = saved / "model.safetensors"
     data = path.read_bytes()

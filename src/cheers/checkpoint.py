@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Iterable
 
 import torch
@@ -43,8 +43,13 @@ def _weight_files(directory: Path) -> dict[str, list[str]]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object of tensor name -> file name")
         files: dict[str, list[str]] = {}
         for key, fname in weight_map.items():
+            if not _inside(fname):
+                raise CheckpointError(f"{index}: tensor '{key}' is mapped to {fname!r}, which is not a file name "
+                                      f"inside {directory} (absolute paths and '..' are refused)")
             files.setdefault(fname, []).append(key)
         for fname in files:
             if not (directory / fname).exists():
@@ -61,6 +66,15 @@ def _weight_files(directory: Path) -> dict[str, list[str]]:
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
         raise CheckpointError(f"{directory}: only pickle weights (.bin/.pt) found; Cheers loads safetensors only")
     raise CheckpointError(f"{directory}: no model weights (expected {SINGLE_NAME} or {INDEX_NAME})")
+
+
+def _inside(fname: object) -> bool:
+    """Whether an index entry names a file inside the model directory: a relative path without '..' (checked by
+    name: a Hub cache snapshot's files are links into its blob store, which is fine)."""
+    if not isinstance(fname, str) or not fname or "\\" in fname or "\0" in fname:
+        return False
+    p = PurePosixPath(fname)
+    return not p.is_absolute() and ".." not in p.parts and not PureWindowsPath(fname).drive
 
 
 def _open(path: Path):
@@ -118,11 +132,6 @@ def _read(path: Path, key: str) -> torch.Tensor:
         raise CheckpointError(f"{path}: cannot read tensor '{key}' ({err})") from None
 
 
-def _castable(tensor: torch.Tensor) -> bool:
-    """Float weights follow the requested dtype; integer and float8 (quantized) tensors keep their own."""
-    return tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
 _CHUNK = 1 << 24  # elements per piece when a whole-tensor temporary would add to the loading peak
 
 
@@ -164,6 +173,11 @@ def _same_rows(path: Path, key: str, loaded: torch.Tensor) -> bool:
     except (OSError, KeyError, ValueError, struct.error) as err:
         raise CheckpointError(f"{path}: cannot read tensor '{key}' ({err})") from None
     return True
+
+
+def _castable(tensor: torch.Tensor) -> bool:
+    """Float weights follow the requested dtype; integer and float8 (quantized) tensors keep their own."""
+    return tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def load_state_into(model: CheersModel, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,

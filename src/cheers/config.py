@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,49 @@ from cheers import constants as C
 
 class ConfigError(ValueError):
     """A configuration is inconsistent or cannot be read."""
+
+
+# Bounds of the size fields: far beyond any real model, tight enough that a typo (num_hidden_layers 1e5, a string
+# hidden_size) fails with one line here instead of after minutes of building a model that cannot exist.
+_LIMITS: dict[str, tuple[float, float]] = {
+    "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 18), "num_layers": (1, 1024), "num_heads": (1, 1024),
+    "num_kv_heads": (1, 1024), "vocab_size": (1, 1 << 22), "max_position_embeddings": (1, 1 << 22),
+    "patch_size": (1, 1024), "image_size": (1, 1 << 14), "num_channels": (1, 16), "resolution": (1, 1 << 14),
+    "in_channels": (1, 16), "out_ch": (1, 16), "ch": (1, 1 << 13), "num_res_blocks": (1, 64),
+    "z_channels": (1, 1 << 12), "norm_groups": (1, 1 << 13), "ch_mult": (1, 64), "stage1_layers": (1, 256),
+    "stage2_layers": (1, 256), "time_freq_dim": (2, 1 << 14), "stage2_kv_heads": (1, 1024),
+    "rope_theta": (1e-6, 1e12), "rms_norm_eps": (0.0, 1.0), "layer_norm_eps": (0.0, 1.0),
+}
+
+
+def _field_problem(name: str, value: Any, kind: str, label: str) -> str | None:
+    """Why `value` cannot be the field `name` of declared type `kind` (None if it can); `label` names it."""
+    lo, hi = _LIMITS.get(name, (0, 1 << 31))
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    if kind == "bool":
+        return None if isinstance(value, bool) else f"{label} must be true or false, got {shown}"
+    if kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not lo <= value <= hi:
+            return f"{label} must be a number in [{lo:g}, {hi:g}], got {shown}"
+        return None
+    if kind == "tuple[int, ...]":
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 8:
+            return f"{label} must be a list of 1 to 8 integers, got {shown}"
+        bad = [v for v in value if _field_problem(name, v, "int", label)]
+        return f"{label} must hold integers in [{lo:g}, {hi:g}], got {shown}" if bad else None
+    if kind in ("int", "int | None"):
+        if value is None and kind == "int | None":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            return f"{label} must be an integer in [{lo:g}, {hi:g}], got {shown}"
+    return None
+
+
+def _check_fields(section: Any, where: str) -> list[str]:
+    """Type and range problems of a config section's fields (int, float, bool, tuple[int, ...] fields)."""
+    return [p for f in dataclasses.fields(section)
+            if (p := _field_problem(f.name, getattr(section, f.name), str(f.type), f"{where} {f.name}"))]
 
 
 @dataclass
@@ -157,7 +201,11 @@ class CheersConfig:
 
     def validate(self) -> "CheersConfig":
         t, v, e, d = self.text, self.vision, self.vae_encoder, self.vae_decoder
-        problems = []
+        problems = [p for sec, where in ((t, "text"), (v, "vision"), (e, "VAE encoder"), (d, "VAE decoder"),
+                                         (self.head, "head"), (self.tokens, "token id"))
+                    for p in _check_fields(sec, where)]
+        if problems:  # the checks below compute with these values
+            raise ConfigError(f"invalid Cheers config '{self.name}': " + "; ".join(problems))
         if t.hidden_size % t.num_heads:
             problems.append(f"text hidden_size {t.hidden_size} not divisible by num_heads {t.num_heads}")
         if t.num_heads % t.num_kv_heads:
@@ -260,15 +308,25 @@ class CheersConfig:
             if key not in hf:
                 raise ConfigError(f"{source}: missing '{key}' (is this a Cheers/UMM config?)")
 
-        def pick(sub: dict[str, Any], mapping: dict[str, str], target: Any, where: str) -> Any:
+        def section(value: Any, where: str) -> dict[str, Any]:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{where}' must be a JSON object, got {type(value).__name__}")
+            return value
+
+        def pick(sub: dict[str, Any], mapping: dict[str, str], target: Any, where: str, ours: bool = False) -> Any:
+            sub = section(sub, where)
+            unknown = sorted(set(sub) - set(mapping)) if ours else []  # our own sections have no foreign keys
+            if unknown:
+                raise ConfigError(f"{source}: unknown field '{where}.{unknown[0]}'")
+            kinds = {f.name: str(f.type) for f in dataclasses.fields(target)}
             kw = {}
             for hf_key, our_key in mapping.items():
                 if hf_key in sub:
+                    problem = _field_problem(our_key, sub[hf_key], kinds[our_key], f"{where}.{hf_key}")
+                    if problem:
+                        raise ConfigError(f"{source}: {problem}")
                     kw[our_key] = sub[hf_key]
-            try:
-                return target(**kw)
-            except TypeError as err:  # pragma: no cover - mapping is static
-                raise ConfigError(f"{source}: bad {where}: {err}") from None
+            return target(**kw)
 
         t = pick(
             hf["text_config"],
@@ -313,8 +371,15 @@ class CheersConfig:
         dec = pick(hf.get("vae_decoder_config", {}), vae_map, VAEConfig, "vae_decoder_config")
         for vc, key in ((enc, "vae_encoder_config"), (dec, "vae_decoder_config")):
             if "ch_mult" in hf.get(key, {}):
-                vc.ch_mult = tuple(int(m) for m in hf[key]["ch_mult"])
-        extra = hf.get("cheers", {})
+                problem = _field_problem("ch_mult", hf[key]["ch_mult"], "tuple[int, ...]", f"{key}.ch_mult")
+                if problem:
+                    raise ConfigError(f"{source}: {problem}")
+                vc.ch_mult = tuple(hf[key]["ch_mult"])
+        extra = section(hf.get("cheers", {}), "cheers")
+        flow_loss_weight = extra.get("flow_loss_weight", 1.0)
+        problem = _field_problem("flow_loss_weight", flow_loss_weight, "float", "cheers.flow_loss_weight")
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
         stored = hf.get("torch_dtype", "float32")
         if stored not in WEIGHT_DTYPES:
             raise ConfigError(f"{source}: torch_dtype {stored!r}: expected one of {', '.join(WEIGHT_DTYPES)}")
@@ -323,9 +388,11 @@ class CheersConfig:
             vision=v,
             vae_encoder=enc,
             vae_decoder=dec,
-            head=HeadConfig(**extra.get("head", {})),
-            tokens=TokenIds(**extra.get("tokens", {})),
-            flow_loss_weight=float(extra.get("flow_loss_weight", 1.0)),
+            head=pick(extra.get("head", {}), {f.name: f.name for f in dataclasses.fields(HeadConfig)}, HeadConfig,
+                      "cheers.head", ours=True),
+            tokens=pick(extra.get("tokens", {}), {f.name: f.name for f in dataclasses.fields(TokenIds)}, TokenIds,
+                        "cheers.tokens", ours=True),
+            flow_loss_weight=flow_loss_weight,
             name=str(extra.get("name", "from-config")),
             torch_dtype=stored,
             quantization=hf.get("quantization_config"),  # checked by cheers.quantize before weights are read

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -32,6 +32,7 @@ from cheers.tokenizer import CheersTokenizer
 
 ImageLike = Image.Image | str | os.PathLike | bytes
 Message = Mapping[str, Any]
+Progress = bool | Callable[[int], None]  # a progress bar, or a per-step callback that may raise to abort
 
 # Where the embedded default model lives (trained by our own trainer; see recipes/cheers-shapes).
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "cheers-shapes"
@@ -183,12 +184,13 @@ class Cheers(PipelineAdapters):
     @torch.no_grad()
     def generate_image(self, prompts: str | Sequence[str], seed: int | Sequence[int] = 0, steps: int | None = None,
                        cfg_scale: float | None = None, shift: float | None = None, sampler: str | None = None,
-                       batch_size: int = 16, progress: bool = False, noise: torch.Tensor | None = None,
+                       batch_size: int = 16, progress: Progress = False, noise: torch.Tensor | None = None,
                        cfg_interval: tuple[float, float] | None = None,
                        output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
         """One image per prompt. `seed` is an int (image i uses seed + i) or one seed per prompt; it draws the
         initial latent noise (unless `noise` [N, c_lat, g, g] is given) and the prompt's dummy noise picture.
-        `output_type`: "pil" (images) or "latent" (the final latents [N, c_lat, g, g], float32)."""
+        `output_type`: "pil" (images) or "latent" (the final latents [N, c_lat, g, g], float32). `progress`: True for
+        a progress bar, or a callable called with each denoising step's index (it may raise to abort the call)."""
         check_output_type(output_type)
         prompts = _as_list(prompts)
         seeds = self._seeds(seed, len(prompts))
@@ -225,7 +227,7 @@ class Cheers(PipelineAdapters):
 
     def _sample(self, rows: list[list[int]], latents: torch.Tensor, x: torch.Tensor, seeds: list[int], t0: float,
                 steps: int | None, cfg_scale: float | None, shift: float | None, sampler: str | None,
-                progress: bool, edit: bool = False, cfg_interval: tuple[float, float] | None = None,
+                progress: Progress, edit: bool = False, cfg_interval: tuple[float, float] | None = None,
                 output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
         d = self.image_defaults
         interval = S.guidance_interval(d.cfg_interval if cfg_interval is None else cfg_interval)  # before prefill
@@ -244,12 +246,13 @@ class Cheers(PipelineAdapters):
         velocity = S.GuidedVelocity(self.model, prefix, cfg_scale, guided, interval=interval)
         grid = S.time_grid(steps, shift, t0=t0)
         bar = None
-        if progress:
+        if progress is True:
             from tqdm import tqdm
 
             n_evals = evaluations(sampler, len(grid))
             bar = tqdm(total=len(grid), desc=f"denoising ({n_evals} evaluations)", leave=False)
-        x = S.integrate(velocity, x, grid, sampler, progress=(lambda i: bar.update(1)) if bar else None,
+        x = S.integrate(velocity, x, grid, sampler,
+                        progress=progress if callable(progress) else (lambda i: bar.update(1)) if bar else None,
                         seeds=seeds)
         if bar:
             bar.close()
@@ -263,7 +266,7 @@ class Cheers(PipelineAdapters):
     def edit(self, images: ImageLike | Sequence[ImageLike], instructions: str | Sequence[str],
              seed: int | Sequence[int] = 0, steps: int | None = None, cfg_scale: float | None = None,
              shift: float | None = None, sampler: str | None = None, batch_size: int = 16,
-             progress: bool = False, noise: torch.Tensor | None = None,
+             progress: Progress = False, noise: torch.Tensor | None = None,
              cfg_interval: tuple[float, float] | None = None, edit_start: float | None = None,
              output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
         """Edit each source image by its instruction (spec §E.3): sampling starts at t0 from t0 z + (1 - t0) noise

@@ -1,7 +1,9 @@
 """Real `cheers serve` processes on free loopback ports, shared by the serve tests.
 
-Two servers start together (their start-up overlaps): `main` with default limits and no key, and `strict` with an
-API key, tiny limits and no batching, for the limit, key and queue-full tests.
+Three servers start together (their start-up overlaps): `main` (a random tiny model) with default limits and no
+key; `strict` with an API key, tiny limits and no batching, for the limit, key and queue-full tests; and
+`embedded` serving the embedded trained model, whose replies differ from question to question (the tiny model's
+do not), for the continuous-batching tests.
 """
 
 from __future__ import annotations
@@ -50,10 +52,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None, key: str | None = None) -> Server:
+def launch(model_dir: Path | None, log: Path, *args: str, env: dict[str, str] | None = None,
+           key: str | None = None) -> Server:
+    """A `cheers serve` process for `model_dir` (None: the embedded model) on a free port."""
     port = free_port()
-    cmd = [sys.executable, "-m", "cheers.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--log-level", "warning", "--model-name", "tiny", "--threads", "1", *args]
+    model = ["--model", str(model_dir), "--model-name", "tiny"] if model_dir is not None else []
+    cmd = [sys.executable, "-m", "cheers.cli", "serve", *model, "--port", str(port), "--log-level", "warning",
+           "--threads", "1", *args]
     e = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
     fh = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=e, cwd=str(REPO))
@@ -88,6 +93,7 @@ def stop(srv: Server) -> None:
 class Servers:
     main: Server
     strict: Server
+    embedded: Server
 
 
 @pytest.fixture(scope="session")
@@ -98,13 +104,14 @@ def servers(tiny_model_dir, tmp_path_factory):
                     "--max-body-size", "256KB", "--max-image-size", "16KB", "--max-image-pixels", "10000",
                     "--max-tokens", "32", "--max-prompt-tokens", "200", "--max-n", "4",
                     env={"CHEERS_API_KEY": API_KEY}, key=API_KEY)
+    embedded = launch(None, logs / "embedded.log", "--no-warmup", "--max-running", "16")
     try:
-        wait_ready(main)
-        wait_ready(strict)
-        yield Servers(main, strict)
+        for srv in (main, strict, embedded):
+            wait_ready(srv)
+        yield Servers(main, strict, embedded)
     finally:
-        stop(main)
-        stop(strict)
+        for srv in (main, strict, embedded):
+            stop(srv)
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +122,11 @@ def main_server(servers) -> Server:
 @pytest.fixture(scope="session")
 def strict_server(servers) -> Server:
     return servers.strict
+
+
+@pytest.fixture(scope="session")
+def embedded_server(servers) -> Server:
+    return servers.embedded
 
 
 def png_bytes(size=(40, 30), color=(200, 20, 20), noise: bool = False) -> bytes:

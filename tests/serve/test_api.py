@@ -21,7 +21,7 @@ def oai(main_server):
 def test_health_models_and_page(main_server):
     with main_server.client() as c:
         h = c.get("/health").json()
-        assert h["status"] == "ok" and h["model"] == "tiny"
+        assert h["status"] == "ok" and h["model"] == "tiny" and h["ready"] is True and h["queue_limit"] == 64
         models = c.get("/v1/models").json()
         assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
         card = models["data"][0]

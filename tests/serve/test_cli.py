@@ -36,7 +36,9 @@ def test_options_become_settings(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [(("--max-batch", "0"), "--max-batch must be >= 1"),
                                            (("--max-queue", "-1"), "--max-queue must be >= 1"),
-                                           (("--max-wait-ms", "-5"), "--max-wait-ms must be >= 0")])
+                                           (("--max-wait-ms", "-5"), "--max-wait-ms must be >= 0"),
+                                           (("--max-running", "0"), "--max-running must be >= 1"),
+                                           (("--shutdown-grace", "-1"), "--shutdown-grace must be >= 0")])
 def test_out_of_range_options_are_named(args, message):
     with pytest.raises(ValueError, match=message):
         settings_from_args(_parse(*args))
@@ -49,6 +51,30 @@ def test_registering_the_subcommand_loads_neither_torch_nor_fastapi():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]"
+
+
+def test_an_empty_api_key_is_refused(monkeypatch):
+    monkeypatch.delenv("CHEERS_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="--api-key is empty, which would leave the server without authentication"):
+        settings_from_args(_parse("--api-key", ""))
+    with pytest.raises(ValueError, match="--api-key is empty"):
+        settings_from_args(_parse("--api-key", "  "))
+    monkeypatch.setenv("CHEERS_API_KEY", "")
+    with pytest.raises(ValueError, match="CHEERS_API_KEY is empty"):
+        settings_from_args(_parse())
+    assert settings_from_args(_parse("--api-key", "k")).api_key == "k"  # the option wins over the variable
+    monkeypatch.delenv("CHEERS_API_KEY")
+    s = settings_from_args(_parse("--allowed-host", "box.lan", "--allowed-host", "gpu7:8000"))
+    assert s.api_key is None and s.allowed_hosts == ("box.lan", "gpu7:8000")
+
+
+def test_create_app_refuses_an_empty_key():
+    pytest.importorskip("fastapi")
+    from cheers.serve.app import create_app
+    from cheers.serve.settings import ServeSettings
+
+    with pytest.raises(ValueError, match="API key is empty"):
+        create_app(object(), ServeSettings(api_key=""))
 
 
 def test_quantize_option_reaches_the_served_model(monkeypatch):

@@ -64,7 +64,9 @@ BAD_JSON = [
     (GEN, {"prompt": "a <image> b"}, 400, "prompt", ["reserved token"]),
     (GEN, {"prompt": "word " * 3000}, 400, "prompt", ["tokens", "exceeds the model's context of 2048"]),
     (CHAT, {"messages": []}, 400, "messages", ["non-empty"]),
-    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools", ["unknown field 'tools'"]),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools", ["'tools' is not supported"]),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "colour": "red"}, 400, "colour",
+     ["unknown field 'colour'", "accepted fields"]),
     (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", ["one of"]),
     (CHAT, {"messages": [{"role": "user", "content": "hi", "mood": "x"}]}, 400, "messages[0].mood",
      ["unknown field"]),
@@ -121,8 +123,10 @@ def test_bad_multipart_edits(main_server):
         expect(r, 400, "mask", "masks are not supported")
         r = c.post(EDIT, files={"image": ("a.png", png_bytes(), "image/png")}, data={"prompt": "x", "steps": "many"})
         expect(r, 400, "steps", "integer")
-        r = c.post(EDIT, files={"image": ("a.png", png_bytes(), "image/png")}, data={"prompt": "x", "quality": "hd"})
-        expect(r, 400, "quality", "unknown field")
+        r = c.post(EDIT, files={"image": ("a.png", png_bytes(), "image/png")}, data={"prompt": "x", "colour": "red"})
+        expect(r, 400, "colour", "unknown field")
+        r = c.post(EDIT, files={"image": ("a.png", png_bytes(), "image/png")}, data={"prompt": "x", "quality": "max"})
+        expect(r, 400, "quality", "one of")
 
 
 def test_unknown_routes_and_methods(main_server):

@@ -1,33 +1,36 @@
 """The model runner with a fake model: one pipeline call per batch, results split back per job, failures isolated,
-streamed pieces pushed to the job's sink."""
+and a batch nobody waits for stopped between denoising steps."""
 
 from __future__ import annotations
 
-import asyncio
+import threading
 
 from cheers.serve.runner import ModelRunner
-from cheers.serve.scheduler import Job, StreamSink
-
-
-def run(coro):
-    return asyncio.run(coro)
+from cheers.serve.scheduler import Job, JobCancelled
 
 
 class FakeModel:
-    def __init__(self):
+    def __init__(self, steps: int = 4, on_step=None):
         self.calls = []
+        self.steps = steps
+        self.on_step = on_step
+        self.steps_run = 0
 
-    def generate_image(self, prompts, seed, batch_size, **kw):
+    def generate_image(self, prompts, seed, batch_size, progress=None, **kw):
         self.calls.append(("generate_image", list(prompts), list(seed), kw))
         if "bad" in prompts:
             raise ValueError("prompt 'bad' is too long")
+        for i in range(self.steps):
+            self.steps_run += 1
+            if self.on_step:
+                self.on_step(i)
+            if progress:
+                progress(i)
         return [f"img:{p}:{s}" for p, s in zip(prompts, seed)]
 
-    def chat(self, convs, stream=False, **kw):
-        self.calls.append(("chat", convs, stream, kw))
-        if stream:
-            return iter(["he", "llo"])
-        return [c[-1]["content"][::-1] for c in convs]
+    def edit(self, images, instructions, seed, batch_size, progress=None, **kw):
+        self.calls.append(("edit", list(images), list(instructions), list(seed), kw))
+        return [f"edit:{im}:{ins}" for im, ins in zip(images, instructions)]
 
 
 def test_model_runner_makes_one_call_per_batch_and_splits_results():
@@ -42,22 +45,47 @@ def test_model_runner_makes_one_call_per_batch_and_splits_results():
     m.calls.clear()
     out = r("image", [Job("image", ("image",), ["x"], [0]), Job("image", ("image",), ["bad"], [1])])
     assert out[0] == (True, ["img:x:0"]) and out[1][0] is False and "too long" in str(out[1][1])
-    convs = [[{"role": "user", "content": "abc"}], [{"role": "user", "content": "xy"}]]
-    chat_jobs = [Job("chat", ("c",), [conv], [0], {"seed": 0}) for conv in convs]
-    assert r("chat", chat_jobs) == [(True, ["cba"]), (True, ["yx"])]
+    assert len(m.calls) == 3  # the batch, then each job alone
+    edits = [Job("edit", ("edit",), [("a", "red")], [1], {"steps": 2}), Job("edit", ("edit",), [("b", "blue")], [2])]
+    assert r("edit", edits) == [(True, ["edit:a:red"]), (True, ["edit:b:blue"])]
 
 
-def test_stream_job_pushes_pieces():
-    m = FakeModel()
+def test_a_batch_nobody_waits_for_stops_between_denoising_steps():
+    jobs = [Job("image", ("image",), ["p"], [1]), Job("image", ("image",), ["q"], [2])]
 
-    async def main():
-        sink = StreamSink(asyncio.get_running_loop())
-        job = Job("chat_stream", ("s",), [[{"role": "user", "content": "hi"}]], [0], {"seed": 1}, False, sink)
-        out = await asyncio.to_thread(ModelRunner(m, 4), "chat_stream", [job])
-        pieces = []
-        while not sink.queue.empty():
-            pieces.append(sink.queue.get_nowait())
-        return out, pieces
+    def leave(step):  # the first client leaves during step 1, the second during step 3
+        if step == 1:
+            jobs[0].cancel()
+        if step == 3:
+            jobs[1].sink = None
+            jobs[1].cancelled.set()
 
-    out, pieces = run(main())
-    assert out == [(True, "hello")] and pieces == [("piece", "he"), ("piece", "llo")]
+    m = FakeModel(steps=100, on_step=leave)
+    out = ModelRunner(m, max_batch=16)("image", jobs)
+    assert [ok for ok, _ in out] == [False, False] and all(isinstance(v, JobCancelled) for _, v in out)
+    assert m.steps_run == 4 and "after denoising step 4" in str(out[0][1])
+    assert len(m.calls) == 1  # not re-run job by job
+
+    # while one client still waits, the batch goes on
+    jobs = [Job("image", ("image",), ["p"], [1]), Job("image", ("image",), ["q"], [2])]
+    jobs[0].cancel()
+    m = FakeModel(steps=10)
+    out = ModelRunner(m, max_batch=16)("image", jobs)
+    assert out == [(True, ["img:p:1"]), (True, ["img:q:2"])] and m.steps_run == 10
+
+
+def test_runner_sets_threads_in_the_model_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    seen = {}
+
+    def run():
+        ModelRunner(FakeModel(steps=1), 4, threads=1)("image", [Job("image", ("i",), ["p"], [0])])
+        seen["n"] = torch.get_num_threads()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen["n"] == 1
+    torch.set_num_threads(before)

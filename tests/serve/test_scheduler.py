@@ -160,3 +160,103 @@ def test_a_lone_request_on_an_idle_server_does_not_wait():
         return took
 
     assert run(main()) < 0.4  # well under the 500 ms batching window
+
+
+def test_queue_limit_by_memory():
+    """Requests that hold a lot (decoded images) fill the queue by bytes before they fill it by count; a request
+    alone is always taken, whatever it holds."""
+    rec = Recorder(delay=0.1)
+
+    async def main():
+        s = Scheduler(rec, max_batch=1, max_wait_ms=0, max_queue=100, max_queue_bytes=1000)
+        await s.start()
+        big = s.submit(Job("chat", ("k",), ["a"], nbytes=5000))  # over the budget, but alone
+        with pytest.raises(ApiError) as err:
+            s.submit(Job("chat", ("k",), ["b"], nbytes=10))
+        await big
+        small = [s.submit(Job("chat", ("k",), [f"s{i}"], nbytes=400)) for i in range(2)]
+        with pytest.raises(ApiError):
+            s.submit(Job("chat", ("k",), ["c"], nbytes=300))  # 800 + 300 > 1000
+        await asyncio.gather(*small)
+        after = await s.submit(Job("chat", ("k",), ["d"], nbytes=900))
+        await s.close()
+        return err.value, after, s
+
+    err, after, s = run(main())
+    assert err.status == 503 and err.code == "queue_full" and "MiB" in err.message
+    assert after.value == ["D"] and s.stats.rejected == 2 and s.pending_units == 0 and s.pending_bytes == 0
+
+
+def test_shutdown_refuses_new_jobs_finishes_what_it_can_and_answers_the_rest_503():
+    rec = Recorder(delay=0.15)
+
+    async def main():
+        s = Scheduler(rec, max_batch=1, max_wait_ms=0, max_queue=10)
+        await s.start()
+        futs = [s.submit(Job("chat", ("k",), [x])) for x in ("a", "b", "c", "d")]
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await s.shutdown(0.2)  # a finishes (0.15 s), b is running, c and d are queued
+        took = time.monotonic() - t0
+        with pytest.raises(ApiError) as late:
+            s.submit(Job("chat", ("k",), ["e"]))
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        await s.close()
+        return res, late.value, took, s
+
+    res, late, took, s = run(main())
+    assert res[0].value == ["A"]
+    assert all(isinstance(r, ApiError) and r.status == 503 and r.code == "shutting_down" for r in res[1:])
+    assert late.status == 503 and late.code == "shutting_down" and 0.19 < took < 0.5
+    assert s.pending_units == 0 and not s.ready
+
+
+class FakeEngine:
+    """Records the jobs each step admits; every admitted job finishes after `steps` steps."""
+
+    tasks = ("chat",)
+
+    def __init__(self, max_rows: int, steps: int = 3, max_prefill: int = 16):
+        self.max_rows, self.max_prefill, self.steps = max_rows, max_prefill, steps
+        self.rows: list[list] = []  # [job, steps left]
+        self.admitted: list[list[str]] = []
+        self.largest = 0
+
+    @property
+    def active(self):
+        return bool(self.rows)
+
+    def room(self):
+        return max(0, self.max_rows - sum(j.units for j, _ in self.rows))
+
+    def step(self, joiners):
+        if joiners:
+            self.admitted.append([x for j in joiners for x in j.items])
+        self.rows += [[j, self.steps] for j in joiners]
+        self.largest = max(self.largest, sum(j.units for j, _ in self.rows))
+        events = []
+        for row in self.rows:
+            row[1] -= 1
+            if row[1] == 0:
+                events.append(("done", row[0], [x.upper() for x in row[0].items]))
+        self.rows = [r for r in self.rows if r[1] > 0]
+        time.sleep(0.002)
+        return events
+
+
+def test_text_jobs_join_the_running_batch_up_to_max_running():
+    async def main(max_rows):
+        engine = FakeEngine(max_rows)
+        s = Scheduler(Recorder(), max_batch=16, max_wait_ms=0, max_queue=100, engine=engine)
+        await s.start()
+        futs = [s.submit(Job("chat", ("k",), [f"q{i}"])) for i in range(6)]
+        futs.append(s.submit(Job("chat", ("k",), ["a", "b", "c"])))  # n = 3
+        res = await asyncio.gather(*futs)
+        await s.close()
+        return res, engine
+
+    res, engine = run(main(4))
+    assert [r.value for r in res] == [["Q0"], ["Q1"], ["Q2"], ["Q3"], ["Q4"], ["Q5"], ["A", "B", "C"]]
+    assert engine.largest <= 4 and engine.admitted[0] == ["q0", "q1", "q2", "q3"]
+    res, engine = run(main(1))  # one at a time; a job asking for 3 replies still runs, alone
+    assert engine.admitted == [["q0"], ["q1"], ["q2"], ["q3"], ["q4"], ["q5"], ["a", "b", "c"]]

@@ -2,12 +2,16 @@
 
 Endpoints
     POST /v1/chat/completions   messages with text and image parts (data URLs); `stream: true` gives server-sent
-                                events in OpenAI's chunk format ending with `data: [DONE]`; usage counts
+                                events in OpenAI's chunk format ending with `data: [DONE]`; usage counts; OpenAI's
+                                sampling fields (n, seed, stop, temperature, top_p, presence/frequency_penalty,
+                                logit_bias, logprobs/top_logprobs, ...) plus top_k and repetition_penalty; tools,
+                                JSON mode and audio are refused (400 unsupported_parameter)
     POST /v1/images/generations prompt, n, size "RxR", seed, steps, cfg | cfg_scale, shift, sampler, cfg_interval
                                 -> PNG b64_json
     POST /v1/images/edits       multipart (image file + prompt, like OpenAI) or JSON with a data-URL image; the
                                 generation fields and edit_start (t0 in [0, 0.99], larger keeps more of the source)
-    GET  /v1/models, /v1/models/{id}, /v1/stats (batching statistics), /health, / (the demo page)
+    GET  /v1/models, /v1/models/{id}, /v1/stats (batching statistics), /metrics (Prometheus), /health
+         (liveness and readiness), / (the demo page)
 
 Modules
     settings   server limits and batching parameters
@@ -16,9 +20,10 @@ Modules
     context    what parsing knows about the model: context length, reserved tokens, image decoding
     schema     request parsing and validation, batch keys
     scheduler  the batching queue and the single model thread
-    runner     one model call per batch, failing requests isolated
+    engine     continuous batching of text: replies join and leave one running batch between tokens
+    runner     one model call per image batch, failing requests isolated
     body       request bodies: size limit, JSON, the edit form
-    auth       the optional API key
+    auth       the optional API key; without one, local hosts and same-origin requests only
     app        the FastAPI application and its routes
     cli        the `serve` subcommand
 

@@ -23,11 +23,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from cheers.serve.auth import ApiKeyMiddleware
-from cheers.serve.body import edit_form, is_form, json_body
+from cheers.serve.auth import ApiKeyMiddleware, LocalOriginMiddleware
+from cheers.serve.body import edit_form, is_form, json_body, require_json
 from cheers.serve.context import Context
 from cheers.serve.deps import require_all
+from cheers.serve.engine import Completion, TextEngine
 from cheers.serve.errors import ApiError, bad
+from cheers.serve.observe import AccessMiddleware, Metrics, access_logger
 from cheers.serve.runner import ModelRunner
 from cheers.serve.scheduler import BatchResult, Job, Scheduler, StreamSink
 from cheers.serve.schema import (ChatRequest, ImageRequest, chat_key, image_key, parse_chat_request,
@@ -41,9 +43,14 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving `model` (a loaded `cheers.pipeline.Cheers`)."""
     require_all()
     settings = settings or ServeSettings()
+    if settings.api_key is not None and not settings.api_key.strip():
+        raise ValueError("the API key is empty, which would leave the server without authentication")
     ctx = Context(model, settings)
     runner = ModelRunner(model, settings.max_batch, settings.threads)
-    scheduler = Scheduler(runner, settings.max_batch, settings.max_wait_ms, settings.max_queue)
+    engine = (TextEngine(model, settings.max_running, settings.max_batch, settings.threads)
+              if getattr(model, "tokenizer", None) is not None else None)
+    scheduler = Scheduler(runner, settings.max_batch, settings.max_wait_ms, settings.max_queue,
+                          settings.max_queue_bytes, engine=engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,20 +64,26 @@ def create_app(model: Any, settings: ServeSettings | None = None) -> FastAPI:
                   openapi_url=None)
     app.state.scheduler = scheduler
     app.state.context = ctx
+    app.state.metrics = Metrics(scheduler)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected_error)
     for path, method, handler in ROUTES:
         app.add_route(path, handler, methods=[method])
-    if settings.api_key:
+    if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
+    else:
+        app.add_middleware(LocalOriginMiddleware, allowed_hosts=settings.allowed_hosts)
+    # outermost: every response, refusals included, gets a request id, a metrics count and a log line
+    app.add_middleware(AccessMiddleware, metrics=app.state.metrics,
+                       log=access_logger() if settings.access_log else None)
     return app
 
 
 # ---- errors as OpenAI's JSON --------------------------------------------------------------------------------------
 def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.response_headers())
 
 
 async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -100,17 +113,37 @@ def _state(request: Request) -> tuple[Context, Scheduler]:
     return request.app.state.context, request.app.state.scheduler
 
 
-async def run_job(scheduler: Scheduler, job: Job) -> BatchResult:
-    """Submit `job` and wait for its share of the batch; model errors become 400 (bad input) or 500."""
+async def run_job(scheduler: Scheduler, job: Job, request: Request) -> BatchResult:
+    """Submit `job` and wait for its share of the batch; model errors become 400 (bad input) or 500. A client that
+    disconnects meanwhile cancels the job: dropped from the queue, or stopped at its next step or token."""
     fut = scheduler.submit(job)
+    watch = asyncio.ensure_future(client_gone(request))
     try:
-        return await fut
+        await asyncio.wait({fut, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not fut.done():
+        job.cancel()
+        fut.cancel()
+        raise ApiError(499, "client closed the request", code="client_closed_request")
+    try:
+        return fut.result()
     except ApiError:
         raise
+    except asyncio.CancelledError:
+        raise ApiError(499, "client closed the request", code="client_closed_request") from None
     except (ValueError, OSError) as err:  # the model's own input errors (bad image, too long, ...)
         raise bad(str(err).strip() or type(err).__name__, code="model_rejected") from None
     except Exception as err:  # noqa: BLE001
         raise ApiError(500, f"generation failed: {type(err).__name__}: {err}", code="generation_failed") from None
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (its body has been read already, so the next message says so)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def batch_headers(res: BatchResult) -> dict[str, str]:
@@ -120,8 +153,12 @@ def batch_headers(res: BatchResult) -> dict[str, str]:
 
 # ---- service routes -----------------------------------------------------------------------------------------------
 async def health(request: Request) -> JSONResponse:
+    """Liveness and readiness for load balancers: 200 while requests are taken, 503 once shutting down."""
     ctx, scheduler = _state(request)
-    return JSONResponse({"status": "ok", "model": ctx.model_id, "queued": scheduler.pending_units})
+    ready = scheduler.ready
+    return JSONResponse({"status": "ok" if ready else "shutting_down", "ready": ready, "model": ctx.model_id,
+                         "queued": scheduler.pending_units, "queue_limit": scheduler.max_queue},
+                        status_code=200 if ready else 503)
 
 
 async def favicon(request: Request) -> Response:
@@ -156,10 +193,16 @@ async def get_model(request: Request) -> JSONResponse:
     return JSONResponse(model_card(ctx))
 
 
+async def metrics(request: Request) -> Response:
+    body, ctype = request.app.state.metrics.exposition()
+    return Response(body, media_type=ctype)
+
+
 async def stats(request: Request) -> JSONResponse:
     ctx, scheduler = _state(request)
     s = ctx.settings
-    return JSONResponse({**scheduler.stats.as_dict(), "queued": scheduler.pending_units,
+    decode = scheduler.engine.stats() if scheduler.engine is not None else None
+    return JSONResponse({**scheduler.stats.as_dict(), "queued": scheduler.pending_units, "decode": decode,
                          "settings": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
                                       "max_queue": s.max_queue}})
 
@@ -169,25 +212,28 @@ async def images_generations(request: Request) -> JSONResponse:
     ctx, scheduler = _state(request)
     body = await json_body(request, ctx.settings.max_body_bytes)
     req = await asyncio.to_thread(parse_image_request, ctx, body)
-    return await image_response(ctx, scheduler, req, "image", [req.prompt] * req.n)
+    return await image_response(request, ctx, scheduler, req, "image", [req.prompt] * req.n)
 
 
 async def images_edits(request: Request) -> JSONResponse:
     ctx, scheduler = _state(request)
     limit = ctx.settings.max_body_bytes
+    require_json(request, form_too=True)
     if is_form(request):
         fields, upload = await edit_form(request, limit)
         req = await asyncio.to_thread(parse_edit_request, ctx, fields, True, upload)
     else:
         body = await json_body(request, limit)
         req = await asyncio.to_thread(parse_edit_request, ctx, body)
-    return await image_response(ctx, scheduler, req, "edit", [(req.image, req.prompt)] * req.n)
+    return await image_response(request, ctx, scheduler, req, "edit", [(req.image, req.prompt)] * req.n)
 
 
-async def image_response(ctx: Context, scheduler: Scheduler, req: ImageRequest, task: str,
+async def image_response(request: Request, ctx: Context, scheduler: Scheduler, req: ImageRequest, task: str,
                          items: list) -> JSONResponse:
     seeds = [req.seed + i for i in range(req.n)]
-    res = await run_job(scheduler, Job(task, image_key(task, req.options), items, seeds, req.options))
+    nbytes = len(req.prompt) + (ctx.image_bytes if req.image is not None else 0)
+    res = await run_job(scheduler, Job(task, image_key(task, req.options), items, seeds, req.options,
+                                       nbytes=nbytes), request)
     b64 = await asyncio.to_thread(png_b64, res.value)
     R = ctx.resolution
     data = [{"b64_json": b, "seed": s} for b, s in zip(b64, seeds)]
@@ -211,67 +257,72 @@ async def chat_completions(request: Request) -> Response:
     req = await asyncio.to_thread(parse_chat_request, ctx, body)
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    nbytes = sum(len(m["content"]) + ctx.image_bytes * len(m["images"]) for m in req.conversation)
     if req.stream:
         sink = StreamSink(asyncio.get_running_loop())
         job = Job("chat_stream", ("chat_stream", cid), [req.conversation], [0], req.options, batchable=False,
-                  sink=sink)
+                  sink=sink, nbytes=nbytes)
         scheduler.submit(job)  # 503 here, before the stream starts
         return StreamingResponse(stream_chat(ctx, req, job, cid, created), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    job = Job("chat", chat_key(req), [req.conversation] * req.n, [0] * req.n, req.options, batchable=req.batchable)
-    res = await run_job(scheduler, job)
-    choices, completion = [], 0
-    for i, text in enumerate(res.value):
-        n_tok = await asyncio.to_thread(count_tokens, ctx, text)
-        completion += n_tok
-        choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                        "finish_reason": "length" if n_tok >= req.max_tokens else "stop"})
+    job = Job("chat", chat_key(req), [req.conversation] * req.n, [0] * req.n, req.options, batchable=req.batchable,
+              nbytes=nbytes)
+    res = await run_job(scheduler, job, request)
+    completions: list[Completion] = res.value
+    choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                "logprobs": {"content": c.logprobs} if c.logprobs is not None else None,
+                "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
+    completion = sum(c.tokens for c in completions)
     usage = {"prompt_tokens": req.prompt_tokens * req.n, "completion_tokens": completion,
              "total_tokens": req.prompt_tokens * req.n + completion}
     return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": ctx.model_id,
-                         "choices": choices, "usage": usage, "system_fingerprint": None},
+                         "choices": choices, "usage": usage, "system_fingerprint": None, "service_tier": "default"},
                         headers=batch_headers(res))
 
 
-def count_tokens(ctx: Context, text: str) -> int:
-    return len(ctx.tok.encode(text)) if text else 0
-
-
 def chunk(ctx: Context, cid: str, created: int, delta: dict, finish: str | None, usage: dict | None = None,
-          choices: bool = True) -> str:
+          choices: bool = True, logprobs: list | None = None) -> str:
     """One server-sent event in OpenAI's `chat.completion.chunk` format."""
+    lp = {"content": logprobs} if logprobs is not None else None
     data: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created,
                             "model": ctx.model_id, "system_fingerprint": None,
-                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                            "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]
                             if choices else []}
     if usage is not None:
         data["usage"] = usage
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def stream_error(value: Any) -> ApiError:
+    if isinstance(value, ApiError):
+        return value
+    if isinstance(value, (ValueError, OSError)):
+        return bad(str(value), code="model_rejected")
+    return ApiError(500, f"generation failed: {type(value).__name__}: {value}", code="generation_failed")
+
+
 async def stream_chat(ctx: Context, req: ChatRequest, job: Job, cid: str, created: int) -> AsyncIterator[str]:
     """The events of a streamed reply: the role, one chunk per text piece, the finish reason, optionally the
     usage, then `data: [DONE]`; an error mid-stream is sent as an error event."""
     sink = job.sink
+    want_lp = req.options.get("logprobs") is not None
     try:
-        yield chunk(ctx, cid, created, {"role": "assistant", "content": ""}, None)
+        yield chunk(ctx, cid, created, {"role": "assistant", "content": ""}, None, logprobs=[] if want_lp else None)
         while True:
-            kind, value = await sink.queue.get()
+            msg = await sink.queue.get()
+            kind, value = msg[0], msg[1]
             if kind == "piece":
-                yield chunk(ctx, cid, created, {"content": value}, None)
+                yield chunk(ctx, cid, created, {"content": value}, None,
+                            logprobs=(msg[2] if len(msg) > 2 else []) if want_lp else None)
                 continue
             if kind == "error":
-                err = value if isinstance(value, ApiError) else (
-                    bad(str(value), code="model_rejected") if isinstance(value, (ValueError, OSError))
-                    else ApiError(500, f"generation failed: {type(value).__name__}: {value}"))
-                yield f"data: {json.dumps(err.body())}\n\n"
+                yield f"data: {json.dumps(stream_error(value).body())}\n\n"
                 break
-            text = value or ""
-            n_tok = await asyncio.to_thread(count_tokens, ctx, text)
-            yield chunk(ctx, cid, created, {}, "length" if n_tok >= req.max_tokens else "stop")
+            done: Completion = value[0]
+            yield chunk(ctx, cid, created, {}, done.finish_reason)
             if req.include_usage:
-                usage = {"prompt_tokens": req.prompt_tokens, "completion_tokens": n_tok,
-                         "total_tokens": req.prompt_tokens + n_tok}
+                usage = {"prompt_tokens": req.prompt_tokens, "completion_tokens": done.tokens,
+                         "total_tokens": req.prompt_tokens + done.tokens}
                 yield chunk(ctx, cid, created, {}, None, usage=usage, choices=False)
             break
         yield "data: [DONE]\n\n"
@@ -286,6 +337,7 @@ ROUTES = (
     ("/v1/models", "GET", list_models),
     ("/v1/models/{model_id:path}", "GET", get_model),
     ("/v1/stats", "GET", stats),
+    ("/metrics", "GET", metrics),
     ("/v1/images/generations", "POST", images_generations),
     ("/v1/images/edits", "POST", images_edits),
     ("/v1/chat/completions", "POST", chat_completions),

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import ctypes.util
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,22 @@ class Context:
         self.resolution: int = int(cfg.resolution)
         self.image_tokens: int = int(cfg.num_image_tokens)
         self.context: int = int(cfg.text.max_position_embeddings)
+        self.image_bytes = 3 * self.resolution**2  # a decoded image as requests hold it (R x R RGB)
         self.max_prompt = min(self.context, settings.max_prompt_tokens or self.context)
         self.tok = model.tokenizer
         self.model_id = settings.model_name or default_model_name(model)
         self.created = int(time.time())
         t = cfg.tokens
         self.reserved = {t.pad, t.chat_start, t.chat_end, t.image, t.image_gen, t.img_start, t.img_end, t.no_mean}
+        # the tokenizer recognises its control tokens by their exact text, so a substring search finds every one a
+        # text would produce without tokenizing it
+        self.reserved_text = sorted({s for s in (self.tok.id_to_token(i) for i in self.reserved) if s}
+                                    if self.tok else ())
+        # no token spans more characters than the longest vocabulary entry (byte-level BPE: one character is at
+        # least one byte), so len(text) / this is a lower bound of its token count, known without tokenizing
+        self.max_token_chars = max(len(k) for k in self.tok.backend.get_vocab()) if self.tok else 1
+        # decoding a large image takes several times its pixels in memory: a few at a time bound the peak
+        self._decode_slots = threading.BoundedSemaphore(max(1, settings.decode_slots))
 
     def check_model(self, f: Fields) -> None:
         name = f.str("model", None)
@@ -40,13 +53,16 @@ class Context:
 
     def check_text(self, text: str, param: str) -> None:
         """Refuse the model's control tokens inside user text (they would forge image slots or turns)."""
-        if not self.tok:
-            return
-        found = [i for i in self.tok.encode(text) if i < 0 or i in self.reserved]
+        found = [name for name in self.reserved_text if name in text]
         if found:
-            names = sorted({(self.tok.id_to_token(i) if i >= 0 else "<image>") or str(i) for i in found})
-            raise bad(f"'{param}' contains the reserved token(s) {', '.join(names)}; send images as image_url "
+            raise bad(f"'{param}' contains the reserved token(s) {', '.join(found)}; send images as image_url "
                       "parts and plain text otherwise", param, code="reserved_token")
+
+    def check_chars(self, n_chars: int, n_images: int, extra: int, param: str, extra_name: str) -> None:
+        """The length check by a lower bound of the token count, before tokenizing: a prompt of megabytes is
+        refused at once instead of after seconds of tokenizing."""
+        self.check_prompt_length(n_chars // self.max_token_chars + self.image_tokens * max(n_images, 1), extra,
+                                 param, extra_name, at_least=True)
 
     def positions(self, ids: list[int]) -> int:
         """Sequence positions of an encoded prompt: each image placeholder expands to the model's image tokens;
@@ -54,14 +70,15 @@ class Context:
         n_ph = sum(1 for x in ids if x < 0)
         return len(ids) - n_ph + self.image_tokens * max(n_ph, 1)
 
-    def check_prompt_length(self, n: int, extra: int, param: str, extra_name: str) -> None:
+    def check_prompt_length(self, n: int, extra: int, param: str, extra_name: str, at_least: bool = False) -> None:
+        size = f"at least {n}" if at_least else str(n)
         if n > self.max_prompt:
             limit = (f"exceeds the model's context of {self.context}" if self.max_prompt == self.context
                      else f"is over the limit of {self.max_prompt}")
-            raise bad(f"'{param}' is {n} tokens (images included), which {limit} tokens; shorten it", param,
+            raise bad(f"'{param}' is {size} tokens (images included), which {limit} tokens; shorten it", param,
                       code="context_length_exceeded")
         if n + extra > self.context:
-            raise bad(f"'{param}' is {n} tokens and {extra_name} adds {extra}: {n + extra} exceeds the model's "
+            raise bad(f"'{param}' is {size} tokens and {extra_name} adds {extra}: {n + extra} exceeds the model's "
                       f"context of {self.context} tokens; shorten the prompt or lower {extra_name}", param,
                       code="context_length_exceeded")
 
@@ -73,18 +90,27 @@ class Context:
         return self.tok
 
     def decode_image(self, data: bytes, param: str) -> Any:
-        """An image file's bytes -> a PIL image, within the size and pixel limits."""
-        from cheers.processor import ImageError, load_image
+        """An image file's bytes -> the R x R PIL image the model reads of it (letterboxed as the pipeline does,
+        which leaves it unchanged), within the size and pixel limits. A queued request holds R x R x 3 bytes per
+        image, not the upload's full resolution."""
+        from cheers.processor import ImageError, load_image, preprocess_understanding, tensor_to_pil
 
         if len(data) > self.settings.max_image_bytes:
             raise bad(f"'{param}': image is {len(data)} bytes, over the limit of {self.settings.max_image_bytes}",
                       param, code="image_too_large")
         if not data:
             raise bad(f"'{param}': empty image data", param, code="invalid_image")
-        try:
-            return load_image(bytes(data), max_pixels=self.settings.max_image_pixels)
-        except ImageError as err:
-            raise bad(f"'{param}' is not a usable image: {err.cause}", param, code="invalid_image") from None
+        with self._decode_slots:
+            try:
+                full = load_image(bytes(data), max_pixels=self.settings.max_image_pixels)
+            except ImageError as err:
+                raise bad(f"'{param}' is not a usable image: {err.cause}", param, code="invalid_image") from None
+            small = tensor_to_pil(preprocess_understanding(full, self.resolution))
+            large = full.width * full.height > 4 * self.resolution**2
+            del full
+            if large:
+                release_memory()
+        return small
 
     def image_from_url(self, url: Any, param: str) -> Any:
         """A base64 data URL -> a PIL image (remote URLs are refused, not fetched)."""
@@ -113,6 +139,24 @@ class Context:
         except (binascii.Error, ValueError):
             raise bad(f"'{param}': the data URL is not valid base64", param, code="invalid_image") from None
         return self.decode_image(data, param)
+
+
+def _libc_trim() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc): the buffers of a decoded large image are otherwise
+    kept by the allocator, and a burst of large uploads would leave the process that much bigger."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def default_model_name(model: Any) -> str:

@@ -17,7 +17,7 @@ def require(module: str) -> ModuleType:
 
 def require_all() -> None:
     """Every package the server needs, checked before anything slow (loading the model) starts."""
-    for mod in ("fastapi", "uvicorn"):
+    for mod in ("fastapi", "uvicorn", "prometheus_client"):
         require(mod)
     if not (importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
         raise ImportError("`cheers serve` needs python-multipart (image uploads): pip install 'cheers[serve]'")

@@ -22,6 +22,10 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def response_headers(self) -> dict[str, str]:
+        """The headers to send, plus the error code for the access log (which removes it from the response)."""
+        return {**self.headers, "X-Cheers-Error-Code": self.code or self.type}
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 

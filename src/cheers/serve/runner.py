@@ -1,17 +1,18 @@
-"""Runs a batch of jobs on the model: one pipeline call per batch, in the model thread."""
+"""Runs a batch of image or edit jobs on the model: one pipeline call per batch, in the model thread. (Text jobs
+decode in `cheers.serve.engine`.)"""
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
-from cheers.serve.scheduler import Job
+from cheers.serve.scheduler import Job, JobCancelled
 
 
 class ModelRunner:
     """Turns a batch of jobs into one pipeline call (runs in the model thread).
 
-    A batch that fails is re-run job by job so that one bad request never fails its neighbours.
+    A batch that fails is re-run job by job so that one bad request never fails its neighbours. Between denoising
+    steps the call stops when every job of the batch is gone (clients disconnected, or the server shutting down).
     """
 
     def __init__(self, model: Any, max_batch: int, threads: int | None = None):
@@ -28,6 +29,8 @@ class ModelRunner:
             self._threads_set = True
         try:
             outs = self._call(task, jobs)
+        except JobCancelled as err:
+            return [(False, err)] * len(jobs)
         except Exception as err:  # noqa: BLE001 - reported to the client, the server goes on
             if len(jobs) == 1:
                 return [(False, err)]
@@ -38,35 +41,20 @@ class ModelRunner:
         m = self.model
         seeds = [s for j in jobs for s in j.seeds]
         opts = dict(jobs[0].options)
+
+        def check(step: int) -> None:
+            if all(j.gone for j in jobs):
+                raise JobCancelled(f"stopped after denoising step {step + 1}: nobody waits for the result")
+
         if task == "image":
             prompts = [p for j in jobs for p in j.items]
-            return split(m.generate_image(prompts, seed=seeds, batch_size=self.max_batch, **opts), jobs)
+            return split(m.generate_image(prompts, seed=seeds, batch_size=self.max_batch, progress=check, **opts),
+                         jobs)
         if task == "edit":
             images = [im for j in jobs for im, _ in j.items]
             instructions = [ins for j in jobs for _, ins in j.items]
-            return split(m.edit(images, instructions, seed=seeds, batch_size=self.max_batch, **opts), jobs)
-        if task == "chat":
-            convs = [c for j in jobs for c in j.items]
-            if opts.get("seed") is None:
-                opts["seed"] = secrets.randbelow(2**31)
-            return split(m.chat(convs, **opts), jobs)
-        if task == "chat_stream":
-            (job,) = jobs
-            if opts.get("seed") is None:
-                opts["seed"] = secrets.randbelow(2**31)
-            pieces = m.chat(job.items[0], stream=True, **opts)
-            text = []
-            try:
-                for piece in pieces:
-                    if job.sink.cancelled.is_set():
-                        break
-                    text.append(piece)
-                    job.sink.put(piece)
-            finally:
-                close = getattr(pieces, "close", None)
-                if close:
-                    close()
-            return ["".join(text)]
+            return split(m.edit(images, instructions, seed=seeds, batch_size=self.max_batch, progress=check,
+                                **opts), jobs)
         raise ValueError(f"unknown task {task!r}")
 
 

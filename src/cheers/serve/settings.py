@@ -14,11 +14,15 @@ class ServeSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = None  # None: no key (then Host and Origin are checked); never empty
+    allowed_hosts: tuple[str, ...] = ()  # host names accepted without a key besides IP addresses and localhost
     model_name: str | None = None
-    max_batch: int = 16  # images or conversations per model call
+    max_batch: int = 16  # images per model call; conversations joining the running text batch per step
+    max_running: int = 64  # replies decoding together in the running text batch (continuous batching)
     max_wait_ms: float = 20.0  # how long the oldest queued job waits for companions
     max_queue: int = 64  # queued + running images/conversations before 503
+    max_queue_bytes: int = 2**30  # memory held by queued + running requests (their images) before 503
+    decode_slots: int = 1  # images decoded at the same time (a large one takes several times its pixels)
     max_body_bytes: int = 25 * 2**20
     max_image_bytes: int = 16 * 2**20  # one decoded image file
     max_image_pixels: int = 4096 * 4096
@@ -29,7 +33,9 @@ class ServeSettings:
     max_steps: int = 250
     threads: int | None = None  # torch intra-op threads of the model thread (default: torch's, one per core)
     warmup: bool = True
+    shutdown_grace_s: float = 10.0  # on SIGTERM: how long queued and running requests get to finish
     log_level: str = "info"
+    access_log: bool = True  # one JSON line per request on stderr
 
     def public(self) -> dict[str, Any]:
         """The settings without the API key (only whether one is required)."""
